@@ -1,0 +1,300 @@
+"""SegCompass: CoT -> SAE concepts -> query codebook -> slot heatmaps -> SAM-style masks.
+
+Inference is split like SAM's predictor: `encode` (vision encoder + LM generation, expensive, once)
+returns a `Trace`; `decode(trace, edits)` reruns only codebook -> slot mapper -> mask decoder and
+never touches the language model. `reason(trace, edits)` is the slow path: it splices the edited
+SAE reconstruction (plus the error term) into layer L and regenerates the chain of thought.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SegCompassConfig
+from .edits import apply_edits
+from .language import LanguageModel, Prompt
+from .records import ConceptEdit, ForwardOutput, Prediction, TokenRole, Trace
+from .sae import SparseAutoencoder
+from .vision import PreparedImage, patch_boxes, prepare_image
+
+log = logging.getLogger(__name__)
+
+MAX_INSTRUCTION_CHARS = 2000
+
+
+def check_instruction(instruction: str) -> str:
+    """Strip an instruction and reject empty or huge ones with a clear error."""
+    if not isinstance(instruction, str):
+        raise ValueError("the instruction must be text")
+    text = " ".join(instruction.split())
+    if not text:
+        raise ValueError("the instruction is empty: describe what to segment")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise ValueError(f"the instruction is too long ({len(text)} characters; at most {MAX_INSTRUCTION_CHARS})")
+    return text
+
+
+class SegCompass(nn.Module):
+    def __init__(
+        self,
+        config: SegCompassConfig,
+        vision: nn.Module,
+        language: LanguageModel,
+        sae: SparseAutoencoder,
+        codebook: nn.Module,
+        slot_mapper: nn.Module,
+        mask_decoder: nn.Module,
+    ):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.language = language
+        self.sae = sae
+        self.codebook = codebook
+        self.slot_mapper = slot_mapper
+        self.mask_decoder = mask_decoder
+
+    @property
+    def tokenizer(self):
+        return self.language.tokenizer
+
+    @property
+    def num_visual(self) -> int:
+        return self.config.vision.token_grid**2
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    def codes_from_states(self, hook_BTD: torch.Tensor, pad_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Thresholded SAE codes [B, T, F]; padding rows are zero."""
+        codes = self.sae.encode(hook_BTD.float())
+        thr = self.config.sae.code_threshold
+        if thr > 0:
+            codes = codes * (codes.abs() >= thr)
+        if pad_BT is not None:
+            codes = codes.masked_fill(pad_BT[..., None], 0.0)
+        return codes
+
+    def heads(
+        self,
+        codes_BTF: torch.Tensor,
+        roles_BT: torch.Tensor,
+        pad_BT: torch.Tensor,
+        ref_BD: torch.Tensor,
+        feats_BChw: torch.Tensor,
+        valid_hw: list[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codebook -> slot mapper -> mask decoder: (heatmap logits [B,K,h,w], conf logits [B,K], mask logits [B,K,4h,4w])."""
+        slots = self.codebook(codes_BTF, roles_BT, pad_BT)
+        heat, conf = self.slot_mapper(slots, ref_BD.float(), feats_BChw)
+        masks = self.mask_decoder(heat, feats_BChw, valid_hw)
+        return heat, conf, masks
+
+    # ---- training: one batched, teacher-forced pass -----------------------------------------
+    def forward(
+        self,
+        pixels_B3SS: torch.Tensor,
+        valid_hw: list[tuple[int, int]],
+        ids_BT: torch.Tensor,
+        roles_BT: torch.Tensor,
+        attention_mask_BT: torch.Tensor,
+        prompt_lengths_B: torch.Tensor,
+    ) -> ForwardOutput:
+        """Right-padded sequences (prompt + completion). The reference token used is the first one
+        after the prompt; where there is none, the last real token stands in."""
+        tokens, feats = self.vision(pixels_B3SS)
+        embeds = self.language.embed(ids_BT, tokens)
+        positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
+        step = self.language.step(embeds, attention_mask_BT, positions)
+        pad = attention_mask_BT == 0
+        codes = self.codes_from_states(step.hook, pad)
+        ref_pos = self.reference_positions(ids_BT, attention_mask_BT, prompt_lengths_B)
+        stand_in = attention_mask_BT.sum(1) - 1
+        used = torch.where(ref_pos >= 0, ref_pos, stand_in)
+        ref = step.last[torch.arange(len(used)), used]
+        heat, conf, masks = self.heads(codes, roles_BT, pad, ref, feats, valid_hw)
+        return ForwardOutput(
+            lm_logits=step.logits, codes=codes, heatmap_logits=heat, mask_logits=masks,
+            confidence_logits=conf, ref_positions=ref_pos, hook_states=step.hook,
+        )
+
+    def reference_positions(self, ids_BT, attention_mask_BT, prompt_lengths_B) -> torch.Tensor:
+        """[B] position of the first reference token after the prompt, -1 where there is none."""
+        T = ids_BT.shape[1]
+        after = torch.arange(T, device=ids_BT.device)[None] >= prompt_lengths_B[:, None]
+        is_ref = (ids_BT == self.language.ref_id) & after & (attention_mask_BT > 0)
+        first = torch.where(is_ref, torch.arange(T, device=ids_BT.device)[None], T).min(1).values
+        return torch.where(first < T, first, torch.full_like(first, -1))
+
+    # ---- inference -------------------------------------------------------------------------
+    def prepare(self, image) -> PreparedImage:
+        return prepare_image(image, self.config.vision.image_size)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        image,
+        instruction: str,
+        on_token: Callable[[str], None] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Trace:
+        """Run the vision encoder and generate the CoT; keep everything `decode` needs."""
+        instruction = check_instruction(instruction)
+        prep = self.prepare(image)
+        tokens, feats = self.vision(prep.pixels[None].to(self._device()))
+        return self._generate_trace(prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator)
+
+    @torch.no_grad()
+    def reason(
+        self,
+        image,
+        trace: Trace,
+        edits: Sequence[ConceptEdit],
+        on_token: Callable[[str], None] | None = None,
+    ) -> Trace:
+        """Slow path: regenerate the CoT with layer L replaced by SAE(edited codes) + error."""
+        prep = self.prepare(image)
+        tokens, feats = self.vision(prep.pixels[None].to(self._device()))
+        return self._generate_trace(prep, tokens, feats, trace.instruction, on_token, None, 0.0, None, edits)
+
+    def _generate_trace(
+        self, prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator, edits=()
+    ) -> Trace:
+        lang = self.language
+        prompt: Prompt = lang.build_prompt(instruction, self.num_visual)
+        boxes = patch_boxes(self.config.vision.token_grid, self.config.vision.image_size, prep.valid_hw,
+                            prep.original_size)
+        fed_roles = list(prompt.roles)
+        hooks, lasts = [], []
+
+        def stream(_b: int, token_id: int) -> None:
+            fed_roles.extend(lang.completion_roles([token_id]))
+            if on_token is not None:
+                on_token(lang.token_text(token_id))
+
+        def keep(_b: int, hook: torch.Tensor, last: torch.Tensor) -> None:
+            hooks.append(hook.reshape(-1, hook.shape[-1]))
+            lasts.append(last.reshape(-1, last.shape[-1]))
+
+        def splice(x_BtD: torch.Tensor) -> torch.Tensor:
+            # States of the positions just fed: the last t of the roles seen so far.
+            t = x_BtD.shape[1]
+            roles = torch.tensor(fed_roles[len(fed_roles) - t:])
+            start = len(fed_roles) - t
+            z = self.codes_from_states(x_BtD)[0]
+            x_hat = self.sae.decode(z)
+            full_roles = torch.full((len(fed_roles),), int(TokenRole.SPECIAL))
+            full_roles[start:] = roles
+            z_full = torch.zeros(len(fed_roles), z.shape[-1])
+            z_full[start:] = z
+            z_edit = apply_edits(z_full, full_roles, edits, boxes)[start:]
+            return (self.sae.decode(z_edit) + (x_BtD[0].float() - x_hat)).to(x_BtD.dtype)[None]
+
+        budget = max_new_tokens or self.config.lm.max_new_tokens
+        gen_kwargs = dict(max_new_tokens=budget, temperature=temperature, generator=generator,
+                          on_token=stream, on_states=keep)
+        if edits:
+            with lang.splice(splice):
+                gen = lang.generate([prompt], tokens, **gen_kwargs)
+        else:
+            gen = lang.generate([prompt], tokens, **gen_kwargs)
+        comp = gen.completion_ids[0][gen.completion_mask[0].bool()].tolist()
+        ids = prompt.ids + comp
+        hook = torch.cat(hooks).float()  # [T, D]
+        last = torch.cat(lasts)
+        codes = self.codes_from_states(hook[None])[0]
+        error = hook - self.sae.decode(codes)
+        ref_at = [i for i in range(len(prompt.ids), len(ids)) if ids[i] == lang.ref_id]
+        nz = codes.nonzero()
+        text = lang.tokenizer.decode(comp, skip_special_tokens=False)
+        return Trace(
+            instruction=instruction,
+            cot=_cot_of(text),
+            completion=text,
+            token_ids=torch.tensor(ids),
+            tokens=[lang.token_text(t) for t in ids],
+            roles=torch.tensor(prompt.roles + lang.completion_roles(comp)),
+            prompt_length=len(prompt.ids),
+            code_index=nz,
+            code_value=codes[nz[:, 0], nz[:, 1]],
+            d_sae=codes.shape[1],
+            sae_error=error,
+            ref_state=last[ref_at[0] if ref_at else len(ids) - 1].float(),
+            ref_found=bool(ref_at),
+            image_features=feats[0],
+            valid_hw=prep.valid_hw,
+            original_size=prep.original_size,
+            patch_boxes=boxes,
+        )
+
+    @torch.no_grad()
+    def decode(self, trace: Trace, edits: Sequence[ConceptEdit] = ()) -> Prediction:
+        """Codebook -> slot mapper -> mask decoder on a trace (never calls the language model)."""
+        codes = apply_edits(trace.dense_codes(), trace.roles, edits, trace.patch_boxes)
+        device = self._device()
+        heat, conf, masks = self.heads(
+            codes[None].to(device), trace.roles[None].to(device), torch.zeros(1, len(trace.tokens), dtype=torch.bool,
+                                                                              device=device),
+            trace.ref_state[None].to(device), trace.image_features[None].to(device), [trace.valid_hw],
+        )
+        return self.postprocess(heat[0], conf[0], masks[0], trace.valid_hw, trace.original_size)
+
+    def postprocess(self, heat_Khw, conf_logits_K, mask_logits_KHW, valid_hw, original_size) -> Prediction:
+        """Crop the padded model-input frame to the image and resize to the original size."""
+        S = self.config.vision.image_size
+        conf = torch.sigmoid(conf_logits_K.float()).cpu()
+        slot_logits = _to_original(mask_logits_KHW.float(), valid_hw, S, original_size)
+        slot_heat = torch.sigmoid(_to_original(heat_Khw.float(), valid_hw, S, original_size))
+        slot_masks = (slot_logits > 0).cpu().numpy()
+        kept = [k for k in range(len(conf)) if conf[k] > self.config.mask.confidence_threshold]
+        final = np.zeros(original_size, dtype=bool)
+        for k in kept:
+            final |= slot_masks[k]
+        return Prediction(
+            heatmaps=heat_Khw.detach().float().cpu(), confidences=conf, slot_masks=slot_masks, mask=final,
+            slot_heatmaps=slot_heat.cpu().numpy().astype(np.float32), kept_slots=kept,
+        )
+
+    def predict(self, image, instruction: str, edits: Sequence[ConceptEdit] = ()) -> tuple[Trace, Prediction]:
+        trace = self.encode(image, instruction)
+        return trace, self.decode(trace, edits)
+
+    def _device(self) -> torch.device:
+        return next(self.codebook.parameters()).device
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_pretrained(self, folder, dtype: torch.dtype | None = None) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, folder, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str = "cpu") -> "SegCompass":
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(folder, device=device)
+
+
+def _to_original(x_KHW: torch.Tensor, valid_hw, S: int, original_size) -> torch.Tensor:
+    """Crop the valid (non-padded) part of a [K, H', W'] map in the S x S frame; resize to original."""
+    K, Hp, Wp = x_KHW.shape
+    vh, vw = max(1, round(valid_hw[0] * Hp / S)), max(1, round(valid_hw[1] * Wp / S))
+    crop = x_KHW[:, :vh, :vw]
+    return F.interpolate(crop[None], size=tuple(original_size), mode="bilinear", align_corners=False)[0]
+
+
+def _cot_of(completion: str) -> str:
+    """The reasoning between <think> and </think> (the whole completion if the tags are missing)."""
+    from .tokenizer import REF_TOKEN, THINK_END, THINK_START
+
+    text = completion
+    if THINK_START in text:
+        text = text.split(THINK_START, 1)[1]
+    text = text.split(THINK_END, 1)[0]
+    return text.replace(REF_TOKEN, "").strip()
