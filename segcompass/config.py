@@ -19,9 +19,9 @@ class VisionConfig:
     """Vision encoder: one trunk, two outputs (visual tokens for the LM, image features for the mask path)."""
 
     kind: str = "tiny_cnn"  # "tiny_cnn" | "efficientnet_lite0"
-    image_size: int = 256  # square model input; images are resized on the longest side and padded
+    image_size: int = 128  # square model input; images are resized on the longest side and padded
     token_grid: int = 8  # visual tokens form a token_grid x token_grid grid
-    feature_grid: int = 32  # mask-path image features are feature_grid x feature_grid
+    feature_grid: int = 16  # mask-path image features are feature_grid x feature_grid
     width: int = 128  # channels of the tiny trunk's last stage (tiny_cnn only)
     frozen: bool = False  # frozen pretrained encoders are never updated
 

@@ -7,6 +7,7 @@ feature_grid x feature_grid grid, what the slot mapper and the mask decoder look
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,29 +77,34 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class TinyVisionEncoder(nn.Module):
-    """A small CNN trained from scratch: stride-8 features for the mask path, stride-32 tokens."""
+    """A small CNN trained from scratch: a stem down to the feature grid (mask path), then a
+    deeper branch down to the token grid (visual tokens)."""
 
     def __init__(self, cfg: VisionConfig, mask_cfg: MaskConfig):
         super().__init__()
         w = cfg.width
-        self.stem = nn.Sequential(_conv(3, 32, 2), _conv(32, 48, 2), _conv(48, 64, 2), _conv(64, 64, 1))  # S/8
-        self.deep = nn.Sequential(_conv(64, w, 2), _conv(w, w, 1), _conv(w, w, 2), _conv(w, w, 1))  # S/32
+        n_stem = int(math.log2(cfg.image_size // cfg.feature_grid))
+        n_deep = int(math.log2(cfg.feature_grid // cfg.token_grid))
+        if 2**n_stem * cfg.feature_grid != cfg.image_size or 2**n_deep * cfg.token_grid != cfg.feature_grid:
+            raise ValueError("tiny_cnn needs image_size / feature_grid / token_grid to be powers of two apart")
+        chans = [3] + [min(64, 16 * 2**i) for i in range(1, n_stem + 1)]
+        self.stem = nn.Sequential(*[_conv(a, b, 2) for a, b in zip(chans, chans[1:])], _conv(chans[-1], 64, 1))
+        deep = [_conv(64 if i == 0 else w, w, 2) for i in range(n_deep)] or [_conv(64, w, 1)]
+        self.deep = nn.Sequential(*deep, _conv(w, w, 1))
         self.token_grid, self.feature_grid = cfg.token_grid, cfg.feature_grid
         self.token_dim = w
         self.pos = nn.Parameter(torch.zeros(1, w, cfg.token_grid, cfg.token_grid))
         nn.init.normal_(self.pos, std=0.02)
-        # Mask-path neck: fine stride-8 features plus the upsampled deep ones, to Dm channels.
+        # Mask-path neck: fine features plus the upsampled deep ones, to Dm channels.
         self.neck = nn.Sequential(nn.Conv2d(64 + w, mask_cfg.dim, 1), nn.GroupNorm(8, mask_cfg.dim), nn.GELU(),
                                   nn.Conv2d(mask_cfg.dim, mask_cfg.dim, 3, 1, 1))
 
     def forward(self, pixels_B3SS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns token features [B, Nv, Cv] and image features [B, Dm, h, w]."""
         x = (pixels_B3SS - 0.5) / 0.25
-        fine = self.stem(x)  # [B, 64, S/8, S/8]
-        deep = self.deep(fine)  # [B, w, S/32, S/32]
-        deep_tok = F.adaptive_avg_pool2d(deep, self.token_grid) + self.pos
-        tokens = deep_tok.flatten(2).transpose(1, 2)  # [B, Nv, w]
-        fine = F.adaptive_avg_pool2d(fine, self.feature_grid)
+        fine = self.stem(x)  # [B, 64, h, w]
+        deep = self.deep(fine)  # [B, Cv, g, g]
+        tokens = (deep + self.pos).flatten(2).transpose(1, 2)  # [B, Nv, Cv]
         up = F.interpolate(deep, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.neck(torch.cat([fine, up], dim=1))  # [B, Dm, h, w]
         return tokens, feats
