@@ -51,6 +51,8 @@ def build_model(config: SegCompassConfig | str, tokenizer=None) -> SegCompass:
     if not 1 <= config.lm.hook_layer <= lm.config.num_hidden_layers:
         raise ValueError(f"hook_layer {config.lm.hook_layer} outside 1..{lm.config.num_hidden_layers}")
     language = LanguageModel(lm, tokenizer, config.lm.hook_layer, vision.token_dim, chat_template=chat)
+    # Base weights that reload from a package or a local folder stay out of checkpoints.
+    language.external_prefixes = tuple(f"language.lm.{k}" for k in getattr(lm, "external_keys", ()))
     sae = SparseAutoencoder(width, config.sae.d_sae, config.sae.kind, config.sae.k, config.sae.l1_coeff)
     codebook = QueryCodebook(config.sae.d_sae, config.codebook)
     slot_mapper = SlotMapper(config.codebook.dim, width, config.mask.dim, config.mask.heatmap_heads)

