@@ -1,0 +1,282 @@
+"""The explorer's handlers, without a browser: run/stream, toggle (decode only), labels, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.export import mask_polygons
+from app.labels import LabelStore, checkpoint_fingerprint
+from app.render import compare, mask_iou
+from app.session import Done, stream_tokens, toggled
+from app.ui import Explorer
+from segcompass.records import ConceptEdit
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def app_checkpoint(tmp_path_factory):
+    """An untrained tiny checkpoint: gibberish CoT, but every code path runs."""
+    from segcompass.build import build_model
+
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and cores are shared
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    build_model("tiny").eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def explorer(app_checkpoint, tmp_path_factory):
+    from segcompass.model import SegCompass
+
+    from app.examples import load_examples
+
+    store = LabelStore(tmp_path_factory.mktemp("labels") / "labels.sqlite")
+    model = SegCompass.from_pretrained(app_checkpoint)
+    return Explorer(model, store, checkpoint_fingerprint(app_checkpoint), app_checkpoint, load_examples())
+
+
+@pytest.fixture
+def picture(tmp_path, scene):
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene).save(path)
+    return str(path)
+
+
+def run_to_end(explorer, image, instruction="the red circle"):
+    outs = list(explorer.run(image, instruction, None))
+    return outs, outs[-1][0]
+
+
+def test_run_streams_then_shows_slots_mask_and_concepts(explorer, picture):
+    outs, s = run_to_end(explorer, picture)
+    assert len(outs) >= 3  # cleared panels, >= 1 streamed partial, the final result
+    partial = outs[1]
+    assert partial[2] and isinstance(partial[3], list) and partial[3][0][1] is None  # text + unshaded tokens
+    final = outs[-1]
+    assert final[2] == (s.trace.cot or s.trace.completion)
+    K = explorer.model.config.codebook.num_slots
+    image, anns = final[4].value["image"], final[4].value["annotations"]
+    assert image is not None and len(anns) == K + 1  # one heatmap per slot, then the mask
+    assert [a["label"].startswith("slot") for a in anns] == [True] * K + [False]
+    table = final[7]
+    assert table["headers"][0] == "concept" and len(table["data"]) == len(s.concepts) > 0
+    shaded = final[3].value
+    assert len(shaded) == len(s.cot_positions) and any(label for _, label in shaded)
+
+
+def test_example_images_run(explorer):
+    assert len(explorer.examples) >= 6
+    for e in (explorer.examples[0], explorer.examples[-1]):  # a ShapeWorld scene, a natural photo
+        _, s = run_to_end(explorer, e["image"], e["instruction"])
+        assert s.base.mask.shape == s.image.shape[:2]
+
+
+@pytest.mark.parametrize("image, instruction, message", [
+    (None, "the red circle", "No image"),
+    ("BROKEN", "the red circle", "Cannot use this image"),
+    ("OK", "   ", "empty"),
+    ("OK", "word " * 1000, "too long"),
+])
+def test_bad_input_gives_clear_errors(explorer, picture, tmp_path, image, instruction, message):
+    if image == "BROKEN":
+        image = tmp_path / "broken.jpg"
+        image.write_bytes(b"not an image at all")
+        image = str(image)
+    elif image == "OK":
+        image = picture
+    with pytest.raises(gr.Error, match=message):
+        list(explorer.run(image, instruction, None))
+
+
+def test_events_before_a_run_explain_what_to_do(explorer):
+    for call in (lambda: explorer.toggle(None, 3), lambda: explorer.reset(None), lambda: explorer.export(None),
+                 lambda: list(explorer.reason(None))):
+        with pytest.raises(gr.Error, match="Run the model"):
+            call()
+
+
+def test_toggle_reruns_decode_only_and_edits_combine(explorer, picture, monkeypatch):
+    _, s = run_to_end(explorer, picture)
+    a, b = s.concepts[0].concept, s.concepts[1].concept
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a toggle ran the language model")
+
+    monkeypatch.setattr(explorer.model.language, "step", forbidden)
+    s, after, text, table, edits, cid = explorer.toggle(s, a)
+    assert cid == a and edits == [ConceptEdit(a).to_dict()]
+    expected = explorer.model.decode(s.trace, [ConceptEdit(a)])
+    assert torch.equal(s.edited.heatmaps, expected.heatmaps)
+    assert f"{compare(s.base, expected).iou:.3f}" in text and "pixels changed" in text
+    assert dict((row[0], row[-1]) for row in table["data"])[a] == "off"
+    assert after.value["annotations"]
+    # A second concept, scaled: both edits apply, in order.
+    s, *_ = explorer.toggle(s, b, "scale", 2.5)
+    both = explorer.model.decode(s.trace, [ConceptEdit(a), ConceptEdit(b, op="scale", value=2.5)])
+    assert torch.equal(s.edited.heatmaps, both.heatmaps)
+    # Clicking `a` again switches it back on; reset clears everything and equals the original.
+    s, *_ = explorer.toggle(s, a)
+    assert [e.concept for e in s.edits] == [b]
+    s, after, text, table, edits = explorer.reset(s)
+    assert s.edits == [] and s.edited is None and after is None and edits == []
+    assert s.current is s.base
+    with pytest.raises(gr.Error, match="does not exist"):
+        explorer.toggle(s, s.trace.d_sae + 5)
+
+
+def test_toggled_adds_and_removes_per_scope():
+    e = toggled([], 7, "zero", 0.0, "all")
+    assert e == [ConceptEdit(7)]
+    e = toggled(e, 7, "scale", 0.5, "visual")
+    assert e == [ConceptEdit(7), ConceptEdit(7, op="scale", value=0.5, scope="visual")]
+    assert toggled(e, 7, "zero", 0.0, "all") == [ConceptEdit(7, op="scale", value=0.5, scope="visual")]
+
+
+def test_token_and_patch_clicks_list_concepts(explorer, tmp_path, scene):
+    big = np.asarray(Image.fromarray(scene).resize((1536, 1152)))  # downscaled to 768 x 576 for the model
+    path = tmp_path / "big.png"
+    Image.fromarray(big).save(path)
+    _, s = run_to_end(explorer, str(path))
+    assert s.image.shape[:2] == (576, 768) and s.scale == pytest.approx(0.5)
+    rows = explorer.token_concepts(s, 0)["data"]
+    pos = s.cot_positions[0]
+    assert [r[0] for r in rows] == [f for f, _ in __import__("segcompass.concepts").concepts.concepts_at(s.trace, pos, 16)]
+    text, table = explorer.patch_concepts(s, 1500, 20)  # uploaded-image pixels: the top-right patch
+    grid = explorer.model.config.vision.token_grid
+    assert f"Patch (0, {grid - 1})" in text and table["data"]
+    assert "outside" in explorer.patch_concepts(s, 5000, 20)[0]
+    with pytest.raises(gr.Error):
+        explorer.token_concepts(s, 10_000)
+
+
+def test_labels_rename_search_and_provenance(explorer, picture, tmp_path):
+    store = explorer.store
+    assert store.journal_mode() == "wal"
+    _, s = run_to_end(explorer, picture)
+    f = s.concepts[0].concept
+    store.set_auto(explorer.fingerprint, [(f, "red patch", 0.91, {"metric": "auroc", "examples": 3})])
+    msg, table = explorer.rename(s, f, "  Mr   Red ")
+    assert "Mr Red" in msg and dict((r[0], r[1]) for r in table["data"])[f] == "Mr Red"
+    lab = store.get(explorer.fingerprint, f)
+    assert (lab.auto_label, lab.human_label, lab.provenance["metric"]) == ("red patch", "Mr Red", "auroc")
+    assert [r[0] for r in explorer.search(s, "red")["data"]] == [f]
+    assert explorer.search(s, "patch red")["data"][0][2] == "human"
+    assert explorer.search(s, "no such words")["data"] == []
+    # Another checkpoint's labels are separate; clearing the human label falls back to the automatic one.
+    assert store.labels("0" * 64) == {}
+    explorer.rename(s, f, "")
+    assert store.get(explorer.fingerprint, f).text == "red patch"
+    with pytest.raises(gr.Error, match="at most"):
+        explorer.rename(s, f, "x" * 500)
+    other = LabelStore(tmp_path / "other.sqlite")  # a second connection sees the same file
+    assert LabelStore(store.path).get(explorer.fingerprint, f).auto_label == "red patch"
+    other.close()
+
+
+def test_export_zip_holds_pictures_record_and_a_reasonseg_pair(explorer, picture, tmp_path):
+    from training.data.reasonseg import load_reasonseg
+
+    _, s = run_to_end(explorer, picture)
+    s, *_ = explorer.toggle(s, s.concepts[0].concept)
+    button, path = explorer.export(s)
+    assert path.endswith(".zip") and button.visible
+    K = explorer.model.config.codebook.num_slots
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        assert {"image.png", "overlay.png", "mask.png", "record.json"} <= names
+        assert {f"heatmap_slot{k + 1}.png" for k in range(K)} <= names
+        record = json.loads(z.read("record.json"))
+        z.extractall(tmp_path / "out")
+    assert record["instruction"] == "the red circle" and record["edits"] == [e.to_dict() for e in s.edits]
+    assert len(record["slot_confidences"]) == K and "mask_iou_old_new" in record["metrics"]
+    assert record["concepts"][0]["edited"] is True and "label" in record["concepts"][0]
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask.png")) > 0
+    assert np.array_equal(mask, s.current.mask)
+    (sample,) = load_reasonseg(tmp_path / "out" / "reasonseg")
+    assert sample.texts == ("the red circle",)
+    if mask.any():  # polygons have no holes, and pixel-centre rasterising loses a little on the borders
+        import scipy.ndimage as ndi
+
+        assert mask_iou(sample.gt_mask() == 1, ndi.binary_fill_holes(mask)) > 0.9
+
+
+def test_mask_polygons_fill_holes_and_keep_parts():
+    m = np.zeros((60, 80), bool)
+    m[5:30, 5:30] = True
+    m[12:20, 12:20] = False  # a hole: filled
+    m[40:55, 50:75] = True
+    m[2, 70] = True  # a speck: dropped
+    polys = mask_polygons(m)
+    assert len(polys) == 2
+    from skimage.draw import polygon
+
+    painted = np.zeros_like(m)
+    for p in polys:
+        xy = np.array(p)
+        rr, cc = polygon(xy[:, 1], xy[:, 0], m.shape)
+        painted[rr, cc] = True
+    filled = m.copy()
+    filled[12:20, 12:20] = True
+    filled[2, 70] = False
+    assert mask_iou(painted, filled) > 0.9
+
+
+def test_reason_regenerates_the_cot_with_the_edits(explorer, picture):
+    _, s = run_to_end(explorer, picture)
+    with pytest.raises(gr.Error, match="at least one edit"):
+        list(explorer.reason(s))
+    s, *_ = explorer.toggle(s, s.concepts[0].concept)
+    outs = list(explorer.reason(s))
+    s, cot, note, after, text, table, edits = outs[-1]
+    assert s.reasoned is not None and s.current is s.reasoned_pred
+    assert "CoT" in note and "Re-reasoned" in text and after is not None
+    expected = explorer.model.reason(s.image, s.trace, s.edits)
+    assert torch.equal(expected.token_ids, s.reasoned.token_ids)
+
+
+def test_stream_tokens_passes_tokens_result_and_errors():
+    def call(on_token):
+        for t in "abc":
+            on_token(t)
+        return 42
+
+    items = list(stream_tokens(call))
+    assert "".join(t for i in items[:-1] for t in i) == "abc" and items[-1] == Done(42)
+
+    def broken(on_token):
+        on_token("x")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(stream_tokens(broken))
+
+
+def test_fingerprint_follows_the_weights(app_checkpoint, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(app_checkpoint, copy)
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(app_checkpoint)
+    assert len(checkpoint_fingerprint(copy)) == 64
+
+
+def test_build_demo_gives_every_component_an_elem_id(explorer):
+    from app.ui import build_demo
+
+    demo = build_demo(explorer)
+    config = demo.get_config_file()
+    missing = [c["type"] for c in config["components"]
+               if c["type"] not in ("row", "column", "form", "state", "dataset", "api", "blocks")
+               and not c["props"].get("elem_id")]
+    assert missing == []
+    names = {d.get("api_name") for d in config["dependencies"]}
+    assert {"run", "toggle", "reset", "reason", "rename", "search", "export"} <= names
