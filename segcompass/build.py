@@ -57,4 +57,7 @@ def build_model(config: SegCompassConfig | str, tokenizer=None) -> SegCompass:
     codebook = QueryCodebook(config.sae.d_sae, config.codebook)
     slot_mapper = SlotMapper(config.codebook.dim, width, config.mask.dim, config.mask.heatmap_heads)
     decoder = HeatmapPromptedDecoder(config.mask, config.vision.image_size, config.vision.feature_grid)
-    return SegCompass(config, vision, language, sae, codebook, slot_mapper, decoder)
+    from .baselines import build_head
+
+    baseline = build_head(config, tokenizer, width)
+    return SegCompass(config, vision, language, sae, codebook, slot_mapper, decoder, baseline)

@@ -50,6 +50,7 @@ class SegCompass(nn.Module):
         codebook: nn.Module,
         slot_mapper: nn.Module,
         mask_decoder: nn.Module,
+        baseline: nn.Module | None = None,
     ):
         super().__init__()
         self.config = config
@@ -59,6 +60,9 @@ class SegCompass(nn.Module):
         self.codebook = codebook
         self.slot_mapper = slot_mapper
         self.mask_decoder = mask_decoder
+        # A baseline head (config.head != "segcompass", see segcompass.baselines) replaces
+        # codebook -> slot mapper with its own readout into the same mask decoder.
+        self.baseline = baseline
 
     @property
     def tokenizer(self):
@@ -87,8 +91,13 @@ class SegCompass(nn.Module):
         ref_BD: torch.Tensor,
         feats_BChw: torch.Tensor,
         valid_hw: list[tuple[int, int]],
+        ids_BT: torch.Tensor | None = None,
+        prompt_lengths_B: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codebook -> slot mapper -> mask decoder: (heatmap logits [B,K,h,w], conf logits [B,K], mask logits [B,K,4h,4w])."""
+        if self.baseline is not None:
+            return self.baseline(self.mask_decoder, ref_BD, feats_BChw, valid_hw, ids_BT=ids_BT,
+                                 prompt_lengths_B=prompt_lengths_B, attention_mask_BT=None if pad_BT is None else ~pad_BT)
         slots = self.codebook(codes_BTF, roles_BT, pad_BT)
         heat, conf = self.slot_mapper(slots, ref_BD.float(), feats_BChw)
         masks = self.mask_decoder(heat, feats_BChw, valid_hw)
@@ -103,10 +112,12 @@ class SegCompass(nn.Module):
         roles_BT: torch.Tensor,
         attention_mask_BT: torch.Tensor,
         prompt_lengths_B: torch.Tensor,
+        vision_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ForwardOutput:
         """Right-padded sequences (prompt + completion). The reference token used is the first one
-        after the prompt; where there is none, the last real token stands in."""
-        tokens, feats = self.vision(pixels_B3SS)
+        after the prompt; where there is none, the last real token stands in. `vision_out`, when
+        given, is the vision encoder's (tokens, features) for these rows (pixels are then unused)."""
+        tokens, feats = vision_out if vision_out is not None else self.vision(pixels_B3SS)
         embeds = self.language.embed(ids_BT, tokens)
         positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
         step = self.language.step(embeds, attention_mask_BT, positions)
@@ -116,7 +127,7 @@ class SegCompass(nn.Module):
         stand_in = attention_mask_BT.sum(1) - 1
         used = torch.where(ref_pos >= 0, ref_pos, stand_in)
         ref = step.last[torch.arange(len(used)), used]
-        heat, conf, masks = self.heads(codes, roles_BT, pad, ref, feats, valid_hw)
+        heat, conf, masks = self.heads(codes, roles_BT, pad, ref, feats, valid_hw, ids_BT, prompt_lengths_B)
         return ForwardOutput(
             lm_logits=step.logits, codes=codes, heatmap_logits=heat, mask_logits=masks,
             confidence_logits=conf, ref_positions=ref_pos, hook_states=step.hook,
@@ -242,6 +253,7 @@ class SegCompass(nn.Module):
             codes[None].to(device), trace.roles[None].to(device), torch.zeros(1, len(trace.tokens), dtype=torch.bool,
                                                                               device=device),
             trace.ref_state[None].to(device), trace.image_features[None].to(device), [trace.valid_hw],
+            trace.token_ids[None].to(device), torch.tensor([trace.prompt_length], device=device),
         )
         return self.postprocess(heat[0], conf[0], masks[0], trace.valid_hw, trace.original_size)
 

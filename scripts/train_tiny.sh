@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train the tiny preset through every stage for one head, then evaluate on the test split.
+#   scripts/train_tiny.sh [segcompass|latent_query|box_text] [RUN_ROOT]
+# Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
+set -euo pipefail
+HEAD_NAME=${1:-segcompass}
+ROOT=${2:-runs/tiny-$HEAD_NAME}
+DATA=${DATA:-data/shapeworld}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+cd "$(dirname "$0")/.."
+if [ ! -d "$DATA/test" ]; then
+  python -m training.data.shapeworld --out "$DATA" --split train --n 6000 --seed 0
+  python -m training.data.shapeworld --out "$DATA" --split val --n 300 --seed 0
+  python -m training.data.shapeworld --out "$DATA" --split test --n 500 --seed 0
+fi
+mkdir -p "$ROOT"
+stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$ROOT/stages.txt"; }
+stamp "start head=$HEAD_NAME"
+python -m training sft --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
+stamp "sft done"
+INIT="$ROOT/sft/model"
+if [ "$HEAD_NAME" = segcompass ]; then
+  python -m training sae --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
+  stamp "sae done"
+  INIT="$ROOT/sae/model"
+fi
+python -m training joint --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
+stamp "joint done"
+python -m training eval --checkpoint "$ROOT/joint/model" --data "$DATA" --split test --out "$ROOT/eval_test.json"
+stamp "eval done"

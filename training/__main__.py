@@ -1,0 +1,79 @@
+"""python -m training {sft,sae,joint,eval} ...  (thin: heavy imports happen inside each stage)
+
+    python -m training sft   --run runs/tiny/sft   [--head segcompass|latent_query|box_text] [--set key=value ...]
+    python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
+    python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
+    python -m training eval  --checkpoint DIR --data DIR [--split val] [--limit N] [--out FILE] [--save-masks DIR]
+
+Every training stage resumes from RUN/trainer_state.pt + RUN/model/ when they exist (--fresh to restart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    for stage in ("sft", "sae", "joint"):
+        s = sub.add_parser(stage, help=f"the {stage} stage")
+        s.add_argument("--run", required=True, help="run folder (model/, trainer_state.pt, logs)")
+        s.add_argument("--preset", default="tiny", help="stage preset (tiny | smoke)")
+        s.add_argument("--data", default=None, help="ReasonSeg-layout data set folder (default data/shapeworld)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        s.add_argument("--fresh", action="store_true", help="ignore an existing trainer state")
+        s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        if stage == "sft":
+            s.add_argument("--head", default=None, choices=["segcompass", "latent_query", "box_text"])
+        else:
+            s.add_argument("--init", required=True, help="checkpoint folder the stage starts from")
+    e = sub.add_parser("eval", help="evaluate a checkpoint with encode + decode")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True, help="a split folder of pairs, or a folder holding train/ val/ test/")
+    e.add_argument("--split", default=None, help="split sub-folder (default test when DIR holds splits)")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--out", default=None, help="also write the JSON here")
+    e.add_argument("--save-masks", default=None, help="write each predicted mask as NAME.png here")
+    e.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "eval":
+        from .evaluate import run_eval
+
+        return run_eval(args)
+    from .configs import parse_override, stage_config
+
+    overrides = dict(parse_override(kv) for kv in args.set)
+    if args.data:
+        overrides["data"] = args.data
+    if args.stage == "sft":
+        if args.head:
+            overrides["head"] = args.head
+        from .sft import run_sft
+
+        run_sft(stage_config("sft", args.preset, overrides), args.run, resume=not args.fresh)
+    elif args.stage == "sae":
+        from .sae_stage import run_sae
+
+        run_sae(stage_config("sae", args.preset, overrides), args.init, args.run, resume=not args.fresh)
+    else:
+        from .joint import run_joint
+
+        run_joint(stage_config("joint", args.preset, overrides), args.init, args.run, resume=not args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Stage configurations: frozen dataclasses that round-trip through JSON, with named presets.
+
+Every stage runs for `steps` optimizer steps or `minutes` of wall time, whichever ends first;
+the learning-rate schedule follows progress = max(step / steps, elapsed / minutes), so a stage
+given a wall-clock budget still warms up and anneals fully on a busy machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    preset: str = "tiny"  # model preset for a fresh model
+    head: str = "segcompass"  # "segcompass" | "latent_query" | "box_text"
+    data: str = "data/shapeworld"
+    split: str = "train"
+    limit: int | None = None  # use only the first N examples
+    steps: int = 3000
+    minutes: float = 14.0
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    mask_loss: bool = True  # joint mask supervision (the vision encoder's mask path is only trained here)
+    lm_weight: float = 1.0
+    seg_weight: float = 1.0
+    conf_weight: float = 0.5
+    c_dice: float = 1.0
+    c_focal: float = 0.0
+    c_mask_bce: float = 1.0
+    save_every: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SAEStageConfig:
+    data: str = "data/shapeworld"
+    split: str = "train"
+    limit: int | None = 2000  # examples whose teacher-forced activations are cached
+    heldout: float = 0.1  # share of cached examples held out for EV / L0 / dead latents
+    kind: str = "topk"  # the SAE kept: "topk" | "relu"
+    compare: bool = True  # also train the other kind and report both
+    k: int = 16
+    l1_coeff: float = 5.0  # ReLU: MSE + l1_coeff * sum_i f_i ||W_dec,i|| on activations scaled to unit mean norm^2/D
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    minutes: float = 1.0  # per SAE trained
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    data: str = "data/shapeworld"
+    split: str = "train"
+    limit: int | None = None
+    steps: int = 2000
+    minutes: float = 12.0
+    batch_size: int = 16  # supervised seg batches (reference CoT, teacher-forced)
+    grpo_every: int = 3  # every n-th step is a GRPO step (the others are supervised seg steps); 0 = no GRPO
+    prompts: int = 4  # prompts per GRPO step
+    group_size: int = 4  # G sampled completions per prompt (paper: 8)
+    temperature: float = 1.0
+    max_new_tokens: int = 56
+    clip_eps: float = 0.2
+    kl_coeff: float = 0.2
+    seg_weight: float = 0.3
+    conf_weight: float = 0.2
+    c_dice: float = 2.0
+    c_focal: float = 5.0
+    c_mask_bce: float = 1.0
+    lr: float = 2e-5  # the LM's base learning rate; module scales below multiply it
+    lr_codebook: float = 30.0
+    lr_slot_mapper: float = 25.0
+    lr_prompt_encoder: float = 10.0
+    lr_mask_decoder: float = 5.0
+    lr_baseline: float = 25.0  # a baseline's readout head (in place of codebook + slot mapper)
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    max_reasoning_words: int = 64
+    save_every: int = 100
+    seed: int = 0
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "sae": SAEStageConfig, "joint": JointConfig}
+
+# Named stage presets (the shipped tiny checkpoint is trained with these).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "smoke": {  # seconds: tests and quick checks
+        "sft": dict(steps=3, batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),
+        "sae": dict(limit=8, steps=20, batch_size=256, minutes=1.0),
+        "joint": dict(steps=3, batch_size=4, prompts=2, group_size=2, grpo_every=2, max_new_tokens=8,
+                      minutes=5.0, save_every=2, warmup_steps=1),
+    },
+}
+
+
+def stage_config(stage: str, preset: str = "tiny", overrides: dict[str, Any] | None = None):
+    cls = STAGE_CONFIGS[stage]
+    values = dict(PRESETS[preset].get(stage, {}))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {stage} options: {sorted(unknown)}")
+    return cls(**values)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with value parsed as JSON when possible (numbers, true/false, null)."""
+    if "=" not in text:
+        raise ValueError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw

@@ -1,0 +1,72 @@
+"""Evaluation exactly as a user runs the model: `encode` + `decode` per example, no ground truth
+used to choose slots; scores per shared/spec/shapeworld.md (segcompass.metrics)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def resolve_split(data: str | Path, split: str | None) -> tuple[Path, str | None]:
+    """DIR may be a split folder of pairs, or hold train/ val/ test/ (then `split`, default test)."""
+    root = Path(data)
+    if any(root.glob("*.json")):
+        return root, None
+    return root, split or "test"
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, limit: int | None = None,
+             save_masks: str | Path | None = None, model=None) -> dict:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from segcompass.metrics import Scoreboard
+    from segcompass.model import SegCompass
+    from training.data.loaders import load_reasonseg
+
+    model = model if model is not None else SegCompass.from_pretrained(checkpoint)
+    model.eval()
+    folder, split = resolve_split(data, split)
+    samples = load_reasonseg(folder, split)
+    if limit is not None:
+        samples = samples[:limit]
+    if save_masks:
+        Path(save_masks).mkdir(parents=True, exist_ok=True)
+    board = Scoreboard()
+    failures = 0
+    start = time.perf_counter()
+    for sample in tqdm(samples, desc="eval", unit="ex"):
+        gt = sample.gt_mask()
+        try:
+            trace = model.encode(sample.load_image(), sample.texts[0])
+            pred = model.decode(trace).mask
+        except (ValueError, RuntimeError) as err:  # a failed prediction scores as an empty mask
+            log.warning("%s: prediction failed: %s", sample.name, err)
+            pred, failures = None, failures + 1
+        board.add(pred, gt, sample.family)
+        if save_masks:
+            out = np.zeros(gt.shape, np.uint8) if pred is None else pred.astype(np.uint8) * 255
+            Image.fromarray(out).save(Path(save_masks) / f"{sample.name}.png")
+    s = board.result()
+    return {
+        "checkpoint": str(checkpoint), "data": str(folder), "split": split, "head": model.config.head,
+        "gIoU": s.giou, "cIoU": s.ciou, "N-acc": s.n_acc, "T-acc": s.t_acc, "count": s.count,
+        "per_family_gIoU": s.per_family, "family_counts": s.family_counts, "failures": failures,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_eval(args) -> int:
+    result = evaluate(args.checkpoint, args.data, args.split, args.limit, args.save_masks)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0

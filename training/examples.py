@@ -1,0 +1,149 @@
+"""Training examples: ReasonSeg-layout samples prepared once into model-frame tensors, and batches.
+
+An `Example` holds the padded model-input image (uint8 [3, S, S]) and each target instance as a
+soft (area-downsampled) mask on the mask-logit grid [N, 4h, 4w] and the heatmap grid [N, h, w],
+both in the padded S x S frame, so losses need no resizing. Prepared splits are cached under
+`cache/examples/` keyed by folder, file count and model geometry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcompass.config import SegCompassConfig
+from segcompass.vision import to_rgb_array
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path("cache/examples")
+
+
+@dataclass
+class Example:
+    name: str
+    pixels: torch.Tensor  # [3, S, S] uint8, image top-left, zero padding
+    valid_hw: tuple[int, int]
+    instruction: str
+    cot: str
+    family: str | None
+    target_mask: torch.Tensor  # [N, 4h, 4w] float16 soft targets in the padded frame
+    target_heat: torch.Tensor  # [N, h, w] float16
+    boxes: str  # "box : x0 y0 x1 y1 ..." words for the box_text baseline ("" when no target)
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # [B, 3, S, S] float in [0, 1]
+    valid_hw: list[tuple[int, int]]
+    examples: list[Example]
+
+    @property
+    def target_mask(self) -> list[torch.Tensor]:
+        return [e.target_mask.float() for e in self.examples]
+
+    @property
+    def target_heat(self) -> list[torch.Tensor]:
+        return [e.target_heat.float() for e in self.examples]
+
+
+def fallback_cot(sample) -> str:
+    """Data sets without reference reasoning get a minimal one (the query restated)."""
+    return f"looking for {sample.texts[0].lower().rstrip('?.!')} ."
+
+
+def _area(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-average resize of a 2-D float array (reshape-mean when the factor is an integer)."""
+    H, W = m.shape
+    if H % size[0] == 0 and W % size[1] == 0:
+        return m.reshape(size[0], H // size[0], size[1], W // size[1]).mean(axis=(1, 3))
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="area")[0, 0].numpy()
+
+
+def _to_frame(mask_HW: np.ndarray, valid_hw: tuple[int, int], S: int, grid: int) -> np.ndarray:
+    """A full-resolution bool mask -> soft mask on a grid x grid lattice of the padded S x S frame."""
+    vh, vw = max(1, round(valid_hw[0] * grid / S)), max(1, round(valid_hw[1] * grid / S))
+    out = np.zeros((grid, grid), np.float32)
+    out[:vh, :vw] = _area(mask_HW.astype(np.float32), (vh, vw))
+    return out
+
+
+def _prepare_pixels(image: np.ndarray, S: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """segcompass.vision.prepare_image in uint8: resize the longest side to S (bilinear), pad."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = S / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = image if (nh, nw) == (h, w) else np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((3, S, S), np.uint8)
+    out[:, :nh, :nw] = np.asarray(resized).transpose(2, 0, 1)
+    return out, (nh, nw)
+
+
+def prepare_example(sample, config: SegCompassConfig) -> Example:
+    from segcompass.baselines import box_words
+
+    S, h = config.vision.image_size, config.vision.feature_grid
+    pixels, valid_hw = _prepare_pixels(to_rgb_array(sample.load_image()), S)
+    inst = sample.instance_masks()
+    masks = np.stack([_to_frame(m, valid_hw, S, 4 * h) for m in inst]) if inst else np.zeros((0, 4 * h, 4 * h))
+    heats = np.stack([_to_frame(m, valid_hw, S, h) for m in inst]) if inst else np.zeros((0, h, h))
+    boxes = " ".join(w for w in (box_words(m, valid_hw, S) for m in inst[: config.codebook.num_slots]) if w)
+    return Example(
+        name=sample.name, pixels=torch.from_numpy(pixels), valid_hw=valid_hw,
+        instruction=" ".join(sample.texts[0].split()), cot=sample.cot or fallback_cot(sample), family=sample.family,
+        target_mask=torch.from_numpy(masks.astype(np.float16)), target_heat=torch.from_numpy(heats.astype(np.float16)),
+        boxes=boxes,
+    )
+
+
+def load_examples(folder: str | Path, split: str | None, config: SegCompassConfig, limit: int | None = None,
+                  cache: bool = True) -> list[Example]:
+    """Load (and cache) the prepared examples of a ReasonSeg split."""
+    from tqdm import tqdm
+
+    from training.data.loaders import load_reasonseg
+
+    samples = load_reasonseg(folder, split)
+    if limit is not None:
+        samples = samples[:limit]
+    key = hashlib.sha1(
+        f"{Path(folder).resolve()}|{split}|{len(samples)}|{samples[-1].name if samples else ''}|"
+        f"{config.vision.image_size}|{config.vision.feature_grid}|{config.codebook.num_slots}|v1".encode()
+    ).hexdigest()[:16]
+    path = CACHE_DIR / f"{key}.pt"
+    if cache and path.is_file():
+        data = torch.load(path, weights_only=True)
+        return [Example(**{**d, "valid_hw": tuple(d["valid_hw"])}) for d in data]
+    examples = [prepare_example(s, config) for s in tqdm(samples, desc=f"prepare {split or folder}", unit="ex")]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([e.__dict__ for e in examples], path)
+    return examples
+
+
+def collate(examples: list[Example]) -> Batch:
+    return Batch(
+        pixels=torch.stack([e.pixels for e in examples]).float() / 255.0,
+        valid_hw=[e.valid_hw for e in examples], examples=list(examples),
+    )
+
+
+def completion_cot(example: Example, head: str) -> str:
+    """The reference reasoning a head is taught: box_text appends its boxes before </think>."""
+    if head == "box_text" and example.boxes:
+        return f"{example.cot} {example.boxes}"
+    return example.cot
+
+
+def corpus(examples: list[Example]) -> list[str]:
+    """Texts the tiny word-level tokenizer is built from."""
+    return [e.instruction for e in examples] + [e.cot for e in examples]

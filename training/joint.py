@@ -1,0 +1,154 @@
+"""Stage 3, joint training: GRPO on the CoT plus segmentation supervision, one objective:
+
+    loss = policy + kl_coeff * KL_k3(pi || pi_init) + seg_weight * seg + conf_weight * confidence
+
+GRPO steps sample G completions per prompt from the CURRENT policy (so the generator learns from
+its own rollouts), score each with 0.3 format + 0.7 mask score of the mask those very tokens lead
+to (the SAE codes come from the rollout's own forward pass), normalise rewards within each group
+and apply the clipped surrogate; the seg/confidence losses are applied to the rollouts' masks too.
+Between GRPO steps, cheap supervised steps apply the seg/confidence losses to the reference CoT
+(teacher-forced), so the mask path gets enough updates within a CPU budget.
+Trained/frozen parts and per-module learning rates: see training/parts.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, restore_rng, save_state, seed_everything,
+                     set_lr, setup_run)
+from .configs import JointConfig, save_config
+from .examples import Batch, collate, load_examples
+from .grpo import group_advantages, grpo_loss, token_logprobs
+from .losses import seg_losses
+from .parts import freeze_unused, param_groups, set_trainable
+from .rewards import format_reward, mask_score, total_reward
+from .sft import completion_ce, teacher_forced
+
+log = logging.getLogger(__name__)
+
+
+def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
+    return seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
+                      [t.to(device) for t in batch_targets_heat], [t.to(device) for t in batch_targets_mask],
+                      c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce)
+
+
+def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad():
+        vision_out = model.vision(batch.pixels.to(device))
+    out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
+    seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
+    loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
+    return loss, {"seg": float(seg.seg), "conf": float(seg.confidence)}
+
+
+def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, generator) -> tuple[torch.Tensor, dict]:
+    """One GRPO step on P prompts x G own samples."""
+    lang, G = model.language, cfg.group_size
+    with torch.no_grad():
+        tokens, feats = model.vision(batch.pixels.to(device))
+    tokens, feats = tokens.repeat_interleave(G, 0), feats.repeat_interleave(G, 0)
+    rows = [e for e in batch.examples for _ in range(G)]
+    valid_hw = [e.valid_hw for e in rows]
+    prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in rows]
+    gen = lang.generate(prompts, tokens, cfg.max_new_tokens, cfg.temperature, generator)
+    completions = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(rows))]
+    packed = lang.pack(prompts, completions)
+    ids, mask = packed.ids.to(device), packed.attention_mask.to(device)
+    out = model(None, valid_hw, ids, packed.roles.to(device), mask, packed.prompt_lengths.to(device),
+                vision_out=(tokens, feats))
+    T = ids.shape[1]
+    comp_mask = ((torch.arange(1, T, device=device)[None] >= packed.prompt_lengths.to(device)[:, None])
+                 & (mask[:, 1:] > 0))
+    logp = token_logprobs(out.lm_logits[:, :-1], ids[:, 1:])
+    with torch.no_grad():
+        ref_lang = ref_model.language
+        positions = torch.arange(T, device=device).expand_as(ids)
+        ref_logits = ref_lang.step(ref_lang.embed(ids, tokens), mask, positions).logits
+        ref_logp = token_logprobs(ref_logits[:, :-1], ids[:, 1:])
+        probs = torch.sigmoid(out.mask_logits.float())
+        kept = torch.sigmoid(out.confidence_logits.float()) > model.config.mask.confidence_threshold
+        fmt = [format_reward(lang.tokenizer.decode(c, skip_special_tokens=False), cfg.max_reasoning_words)
+               for c in completions]
+        msk = [mask_score(probs[i], kept[i], rows[i].target_mask.float().to(device)) for i in range(len(rows))]
+        rewards = torch.tensor([total_reward(f, m) for f, m in zip(fmt, msk)])
+        adv = group_advantages(rewards, G).to(device)
+    g = grpo_loss(logp, logp.detach(), ref_logp, adv, comp_mask, cfg.clip_eps, cfg.kl_coeff)
+    seg = _seg(out, [e.target_heat.float() for e in rows], [e.target_mask.float() for e in rows], cfg, device)
+    loss = g.loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
+    stats = {"reward": float(rewards.mean()), "format": sum(fmt) / len(fmt), "mask": sum(msk) / len(msk),
+             "kl": float(g.kl), "policy": float(g.policy), "seg": float(seg.seg), "conf": float(seg.confidence),
+             "len": float(comp_mask.sum(1).float().mean())}
+    return loss, stats
+
+
+def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: bool = True, examples=None) -> Path:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from segcompass.model import SegCompass
+
+    run = setup_run(run_dir, "joint")
+    save_config(cfg, run / "joint_config.json")
+    seed_everything(cfg.seed)
+    accelerator = Accelerator()
+    device = accelerator.device
+    state = load_state(run) if resume else None
+    model = SegCompass.from_pretrained(run / MODEL_DIR if state is not None else init).to(device)
+    ref_model = SegCompass.from_pretrained(init).to(device).eval()  # the initial policy, frozen
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    if examples is None:
+        examples = load_examples(cfg.data, cfg.split, model.config, cfg.limit)
+    model.train()
+    set_trainable(model, "joint")
+    batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
+    prompts = Batches(len(examples), min(cfg.prompts, len(examples)), cfg.seed + 1)
+    probe_batch = collate([examples[i] for i in batches.at(0)])
+    out, packed = teacher_forced(model, probe_batch, device, model.config.head)
+    probe = _seg(out, probe_batch.target_heat, probe_batch.target_mask, cfg, device)
+    freeze_unused(model, probe.seg + probe.confidence + completion_ce(out.lm_logits, packed, device))
+    optimizer = torch.optim.AdamW(param_groups(model, "joint", cfg.lr, cfg, weight_decay=0.0))
+    step, clock = 0, Clock(cfg.steps, cfg.minutes)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, clock.elapsed = state["step"], state["elapsed"]
+        restore_rng(state)
+        log.info("resuming joint stage from step %d", step)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
+    log.info("joint: %d examples, %d trainable parameters, G=%d, %d prompts per GRPO step", len(examples),
+             sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.group_size, cfg.prompts)
+    bar = tqdm(total=cfg.steps, initial=step, desc="joint", unit="step")
+    n_grpo = 0
+    while not clock.done(step):
+        set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
+        is_grpo = cfg.grpo_every > 0 and step % cfg.grpo_every == cfg.grpo_every - 1
+        if is_grpo:
+            batch = collate([examples[i] for i in prompts.at(n_grpo + step)])
+            loss, stats = rollout_step(inner, ref_model, batch, cfg, device, generator)
+            n_grpo += 1
+        else:
+            batch = collate([examples[i] for i in batches.at(step)])
+            loss, stats = supervised_step(inner, batch, cfg, device)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+        if is_grpo or step % 25 == 0:
+            log.info("step %d %s %s  %.0fs", step, "grpo" if is_grpo else "seg ",
+                     " ".join(f"{k} {v:.4f}" for k, v in stats.items()), clock.seconds())
+        if step % cfg.save_every == 0:
+            save_state(run, inner, optimizer, step, clock)
+    bar.close()
+    save_state(run, inner, optimizer, step, clock)
+    log.info("joint done: %d steps in %.1f s -> %s", step, clock.seconds(), run / MODEL_DIR)
+    return run / MODEL_DIR

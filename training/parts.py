@@ -1,0 +1,85 @@
+"""Which parameters each stage trains, and the per-module learning-rate groups.
+
+SFT: everything except the SAE (random and frozen until the SAE stage).
+Joint (ARCHITECTURE.md): trained = LM layers above L (with the final norm and LM head), codebook,
+slot mapper, mask decoder (prompt encoder x10, decoder x5 of the LM's lr; codebook x30, slot
+mapper x25); frozen = vision encoder, SAE, LM embeddings + projector + layers <= L.
+A baseline head replaces codebook + slot mapper (which it never uses, so they stay frozen).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _set(module: nn.Module | None, flag: bool) -> None:
+    if module is not None:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+def set_trainable(model, stage: str) -> None:
+    baseline = model.config.head != "segcompass"
+    _set(model, stage == "sft")
+    _set(model.sae, False)
+    if baseline:
+        _set(model.codebook, False)
+        _set(model.slot_mapper, False)
+    if stage == "joint":
+        lm = model.language.lm
+        L = model.language.hook_layer
+        for layer in model.language.decoder_layers()[L:]:
+            _set(layer, True)
+        _set(lm.get_decoder().norm, True)
+        _set(lm.get_output_embeddings(), True)
+        _set(model.mask_decoder, True)
+        _set(model.baseline, True)
+        if not baseline:
+            _set(model.codebook, True)
+            _set(model.slot_mapper, True)
+    elif stage != "sft":
+        raise ValueError(f"unknown stage {stage}")
+
+
+def freeze_unused(model, loss: torch.Tensor) -> list[str]:
+    """Backpropagate a probe loss and freeze trainable parameters it never reaches (e.g. SAM's point
+    embeddings when only mask prompts are used); returns their names."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    if unused:
+        log.info("frozen (no gradient reaches them): %s", ", ".join(unused))
+    return unused
+
+
+def param_groups(model, stage: str, base_lr: float, cfg=None, weight_decay: float = 0.0) -> list[dict]:
+    """AdamW groups with `base_lr` (each group remembers it as base_lr for the schedule)."""
+    if stage == "sft":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": base_lr, "base_lr": base_lr, "weight_decay": weight_decay, "name": "all"}]
+    scales = {
+        "codebook": cfg.lr_codebook, "slot_mapper": cfg.lr_slot_mapper,
+        "mask_decoder.prompt_encoder": cfg.lr_prompt_encoder, "mask_decoder.mask_decoder": cfg.lr_mask_decoder,
+        "baseline": cfg.lr_baseline,
+    }
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in scales if name.startswith(k + ".")), "language")
+        groups.setdefault(key, []).append(p)
+    out = []
+    for key, params in groups.items():
+        lr = base_lr * scales.get(key, 1.0)
+        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": key})
+        log.info("lr group %-28s %8d params  lr %.2e", key, sum(p.numel() for p in params), lr)
+    return out

@@ -1,0 +1,120 @@
+"""Stage 1, SFT cold start: teacher-forced CoT + reference token, jointly with the mask losses.
+
+    loss = lm_weight * CE(completion tokens) + seg_weight * seg + conf_weight * confidence
+
+The SAE is random and frozen here (it is trained on this stage's activations next); the vision
+encoder's mask-path features are learned here only (it is frozen in the joint stage).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, restore_rng, save_state, seed_everything,
+                     set_lr, setup_run)
+from .configs import SFTConfig, save_config
+from .examples import Batch, collate, completion_cot, corpus, load_examples
+from .losses import seg_losses
+from .parts import freeze_unused, param_groups, set_trainable
+
+log = logging.getLogger(__name__)
+
+
+def teacher_forced(model, batch: Batch, device, head: str, vision_out=None):
+    """Forward the reference completions of a batch; returns (ForwardOutput, PackedBatch)."""
+    lang = model.language
+    prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in batch.examples]
+    comps = [lang.encode_completion(completion_cot(e, head)) for e in batch.examples]
+    packed = lang.pack(prompts, comps)
+    out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
+                packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out)
+    return out, packed
+
+
+def completion_ce(logits_BTV: torch.Tensor, packed, device) -> torch.Tensor:
+    """Token-mean cross-entropy of the completion tokens (each predicted from the previous position)."""
+    ids = packed.ids.to(device)
+    T = ids.shape[1]
+    pos = torch.arange(1, T, device=device)[None]
+    target_mask = (pos >= packed.prompt_lengths.to(device)[:, None]) & (packed.attention_mask.to(device)[:, 1:] > 0)
+    ce = F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1]), ids[:, 1:].reshape(-1),
+                         reduction="none").view(ids.shape[0], T - 1)
+    return (ce * target_mask).sum() / target_mask.sum().clamp_min(1)
+
+
+def sft_loss(model, batch: Batch, cfg: SFTConfig, device) -> tuple[torch.Tensor, dict]:
+    out, packed = teacher_forced(model, batch, device, model.config.head)
+    ce = completion_ce(out.lm_logits, packed, device)
+    loss = cfg.lm_weight * ce
+    stats = {"ce": float(ce)}
+    if cfg.mask_loss:
+        seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
+                         [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
+                         c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce)
+        loss = loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
+        stats.update(seg=float(seg.seg), conf=float(seg.confidence), dice=float(seg.mask_dice))
+    return loss, stats
+
+
+def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None) -> Path:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from segcompass.build import build_model
+    from segcompass.model import SegCompass
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+
+    run = setup_run(run_dir, "sft")
+    save_config(cfg, run / "sft_config.json")
+    seed_everything(cfg.seed)
+    accelerator = Accelerator()
+    model_cfg = get_preset(cfg.preset).replace(head=cfg.head)
+    if examples is None:
+        examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
+    state = load_state(run) if resume else None
+    if state is not None:
+        model = SegCompass.from_pretrained(run / MODEL_DIR)
+        log.info("resuming SFT from step %d", state["step"])
+    else:
+        model = build_model(model_cfg, tokenizer=build_word_tokenizer(corpus(examples)))
+    model.train()
+    set_trainable(model, "sft")
+    batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
+    probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"))
+    freeze_unused(model, probe)
+    optimizer = torch.optim.AdamW(param_groups(model, "sft", cfg.lr, weight_decay=cfg.weight_decay))
+    step, clock = 0, Clock(cfg.steps, cfg.minutes)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, clock.elapsed = state["step"], state["elapsed"]
+        restore_rng(state)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    log.info("SFT: %d examples, %d trainable parameters, head %s", len(examples),
+             sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.head)
+    bar = tqdm(total=cfg.steps, initial=step, desc="sft", unit="step")
+    while not clock.done(step):
+        set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
+        batch = collate([examples[i] for i in batches.at(step)])
+        loss, stats = sft_loss(inner, batch, cfg, accelerator.device)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+        if step % 25 == 0:
+            log.info("step %d  %s  lr %.2e  %.0fs", step, " ".join(f"{k} {v:.4f}" for k, v in stats.items()),
+                     optimizer.param_groups[0]["lr"], clock.seconds())
+        if step % cfg.save_every == 0:
+            save_state(run, inner, optimizer, step, clock)
+    bar.close()
+    save_state(run, inner, optimizer, step, clock)
+    log.info("SFT done: %d steps in %.1f s -> %s", step, clock.seconds(), run / MODEL_DIR)
+    return run / MODEL_DIR
