@@ -40,6 +40,7 @@ class LMConfig:
     max_new_tokens: int = 64  # CoT budget at inference
     path: str | None = None  # local folder for kind="hf"
     lora_rank: int = 0  # > 0: adapt the pretrained LM with LoRA instead of full fine-tuning
+    dtype: str = "float32"  # weights of a pretrained LM ("float32" | "bfloat16" | "float16"); heads stay float32
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class MaskConfig:
     decoder_mlp_dim: int = 256
     confidence_threshold: float = 0.5  # a slot joins the final mask when sigmoid(conf) passes this
     out_of_image_logit: float = -50.0  # heatmap value for padded pixels outside the image
+    sam_path: str | None = None  # full scale: local SAM checkpoint (HF SamModel format) for the mask path
 
 
 @dataclass(frozen=True)

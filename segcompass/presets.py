@@ -22,16 +22,29 @@ PRESETS: dict[str, SegCompassConfig] = {
     # Full scale, the paper's numbers (GPUs, local weights; see README "Full scale").
     "qwen2.5-vl-7b": SegCompassConfig(
         preset="qwen2.5-vl-7b",
-        vision=VisionConfig(kind="hf", image_size=1024, token_grid=0, feature_grid=64, frozen=True),
-        lm=LMConfig(kind="hf", hidden_size=3584, num_layers=28, num_heads=28, hook_layer=13, max_new_tokens=256),
+        # SAM's 1024 px frame; Qwen sees it resized to 30 * 28 = 840 px -> 30 x 30 = 900 visual tokens.
+        vision=VisionConfig(kind="hf", image_size=1024, token_grid=30, feature_grid=64, frozen=True),
+        lm=LMConfig(kind="hf", hidden_size=3584, num_layers=28, num_heads=28, intermediate_size=18944,
+                    max_positions=128000, hook_layer=13, max_new_tokens=256),
         sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
         codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
         mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),
     ),
+    # LLaVA-1.5: CLIP ViT-L/14 at 336 px -> 24 x 24 = 576 visual tokens.
     "llava-1.5-7b": SegCompassConfig(
         preset="llava-1.5-7b",
-        vision=VisionConfig(kind="hf", image_size=1024, token_grid=0, feature_grid=64, frozen=True),
-        lm=LMConfig(kind="hf", hidden_size=4096, num_layers=32, num_heads=32, hook_layer=16, max_new_tokens=256),
+        vision=VisionConfig(kind="hf", image_size=1024, token_grid=24, feature_grid=64, frozen=True),
+        lm=LMConfig(kind="hf", hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008,
+                    max_positions=4096, hook_layer=16, max_new_tokens=256),
+        sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
+        codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
+        mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),
+    ),
+    "llava-1.5-13b": SegCompassConfig(
+        preset="llava-1.5-13b",
+        vision=VisionConfig(kind="hf", image_size=1024, token_grid=24, feature_grid=64, frozen=True),
+        lm=LMConfig(kind="hf", hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
+                    max_positions=4096, hook_layer=16, max_new_tokens=256),
         sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
         codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
         mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),

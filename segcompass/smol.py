@@ -58,17 +58,18 @@ def add_special_tokens(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def resize_embeddings(lm: nn.Module, tokenizer, token_ids: list[int]) -> list[int]:
+def resize_embeddings(lm: nn.Module, tokenizer, token_ids: list[int], base_vocab: int) -> list[int]:
     """Grow the embeddings to the tokenizer if needed; initialise the rows of tokens that are new.
 
-    Returns the ids whose rows were initialised here (tokens the base vocabulary did not have).
-    Deterministic: the same base weights and tokenizer always give the same new rows, so a
-    checkpoint that stores only trained rows reloads exactly.
+    base_vocab: the pretrained tokenizer's length; ids from it on are new tokens (their rows may
+    already exist, e.g. Qwen pads its embedding matrix, but were never trained). Returns the ids
+    whose rows were initialised here. Deterministic: the same base weights and tokenizer always
+    give the same new rows, so a checkpoint that stores only trained rows reloads exactly.
     """
-    old = lm.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    fresh = [i for i in token_ids if i >= old]
+    old = base_vocab
+    fresh = [i for i in token_ids if i >= base_vocab]
     tokens = tokenizer.convert_ids_to_tokens(fresh)
     matrices = [lm.get_input_embeddings().weight]
     out = lm.get_output_embeddings()
@@ -82,17 +83,34 @@ def resize_embeddings(lm: nn.Module, tokenizer, token_ids: list[int]) -> list[in
     return fresh
 
 
-def apply_lora(lm: nn.Module, rank: int, token_ids: list[int], target_modules="all-linear") -> nn.Module:
-    """Wrap `lm` with LoRA adapters (rank r, alpha 2r) + trainable rows for `token_ids`.
+def decoder_linear_names(lm: nn.Module) -> list[str]:
+    """Names (last component) of the linear layers inside the decoder layers: q/k/v/o, gate/up/down.
+
+    peft's "all-linear" would also adapt the LM head of a model that is not a transformers
+    PreTrainedModel (our full-scale wrapper); an explicit list keeps LoRA inside the decoder.
+    """
+    return sorted({n.rsplit(".", 1)[-1] for n, m in lm.get_decoder().layers.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(lm: nn.Module, rank: int, token_ids: list[int], target_modules: list[str] | None = None) -> nn.Module:
+    """Wrap `lm` with LoRA adapters (rank r, alpha 2r) on every linear layer of the decoder layers
+    + trainable rows for `token_ids`.
 
     Base weights are frozen by peft; only `lora_A/B` and the listed embedding rows train (tied
     output embeddings follow the input rows). Returns the `PeftModel`.
     """
     from peft import LoraConfig, get_peft_model
 
+    target_modules = target_modules or decoder_linear_names(lm)
+    tokens = list(token_ids) or None
+    head = lm.get_output_embeddings()
+    if tokens and head is not None and head.weight is not lm.get_input_embeddings().weight:
+        # Untied output embeddings: the new rows of the LM head train too (it must learn to emit them).
+        names = {m: n.rsplit(".", 1)[-1] for n, m in lm.named_modules()}
+        tokens = {names[lm.get_input_embeddings()]: tokens, names[head]: tokens}
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=target_modules,
-        trainable_token_indices=list(token_ids) or None, bias="none",
+        trainable_token_indices=tokens, bias="none",
     )
     return get_peft_model(lm, config)
 
@@ -130,9 +148,10 @@ def build_smollm2_backbone(cfg: LMConfig, tokenizer=None):
 
     lm, base_tokenizer = load_smollm2(dtype=torch.float32)
     check_architecture(cfg, lm.config)
+    base_vocab = len(base_tokenizer)
     tokenizer = tokenizer if tokenizer is not None else base_tokenizer
     token_ids = add_special_tokens(tokenizer)
-    new_ids = resize_embeddings(lm, tokenizer, token_ids)
+    new_ids = resize_embeddings(lm, tokenizer, token_ids, base_vocab)
     lm.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora_rank > 0:
         lm = apply_lora(lm, cfg.lora_rank, new_ids)
