@@ -39,24 +39,38 @@ def build_language_backbone(cfg: LMConfig, tokenizer=None):
 
         lm, tokenizer = build_smollm2_backbone(cfg, tokenizer)
         return lm, tokenizer, True
+    if cfg.kind == "hf":
+        raise ValueError("lm.kind 'hf' (a local VLM) is built by build_model together with its vision tower")
     raise ValueError(f"unknown language model kind '{cfg.kind}'")
 
 
 def build_model(config: SegCompassConfig | str, tokenizer=None) -> SegCompass:
     if isinstance(config, str):
         config = get_preset(config)
-    vision = build_vision_encoder(config.vision, config.mask)
-    lm, tokenizer, chat = build_language_backbone(config.lm, tokenizer)
+    sam_decoder = None
+    if config.lm.kind == "hf":  # full scale: one local VLM gives both the vision tower and the LM
+        from .fullscale import build_fullscale_parts
+
+        vision, lm, tokenizer, sam_decoder = build_fullscale_parts(config, tokenizer)
+        chat = True
+    else:
+        vision = build_vision_encoder(config.vision, config.mask)
+        lm, tokenizer, chat = build_language_backbone(config.lm, tokenizer)
     width = lm.config.hidden_size
     if not 1 <= config.lm.hook_layer <= lm.config.num_hidden_layers:
         raise ValueError(f"hook_layer {config.lm.hook_layer} outside 1..{lm.config.num_hidden_layers}")
     language = LanguageModel(lm, tokenizer, config.lm.hook_layer, vision.token_dim, chat_template=chat)
     # Base weights that reload from a package or a local folder stay out of checkpoints.
     language.external_prefixes = tuple(f"language.lm.{k}" for k in getattr(lm, "external_keys", ()))
+    if config.lm.kind == "hf":
+        from .fullscale import bind_language
+
+        bind_language(language, config)
     sae = SparseAutoencoder(width, config.sae.d_sae, config.sae.kind, config.sae.k, config.sae.l1_coeff)
     codebook = QueryCodebook(config.sae.d_sae, config.codebook)
     slot_mapper = SlotMapper(config.codebook.dim, width, config.mask.dim, config.mask.heatmap_heads)
-    decoder = HeatmapPromptedDecoder(config.mask, config.vision.image_size, config.vision.feature_grid)
+    decoder = sam_decoder if sam_decoder is not None else HeatmapPromptedDecoder(
+        config.mask, config.vision.image_size, config.vision.feature_grid)
     from .baselines import build_head
 
     baseline = build_head(config, tokenizer, width)

@@ -21,15 +21,39 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or corrupt."""
 
 
+def external_prefixes(model) -> tuple[str, ...]:
+    """State-dict prefixes of the weights that load from a package or a local folder (pretrained
+    base weights of `smol` and full-scale models): never stored in a checkpoint, so never trained."""
+    return tuple(getattr(model.language, "external_prefixes", ())) + tuple(getattr(model.vision, "external_prefixes", ()))
+
+
+def freeze_external(model) -> int:
+    """Freeze every parameter a checkpoint would not store; returns how many tensors were trainable.
+
+    Training stages call this after choosing what trains: an update to such a weight would be
+    lost silently at the next save/load.
+    """
+    skip = external_prefixes(model)
+    thawed = [p for n, p in model.named_parameters() if p.requires_grad and any(n.startswith(s) for s in skip)]
+    for p in thawed:
+        p.requires_grad_(False)
+    return len(thawed)
+
+
 def checkpoint_state(model) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: everything except frozen weights that load from a package."""
-    skip = tuple(getattr(model.language, "external_prefixes", ())) + tuple(getattr(model.vision, "external_prefixes", ()))
+    skip = external_prefixes(model)
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in skip)}
 
 
 def save_checkpoint(model, folder, dtype: torch.dtype | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    skip = external_prefixes(model)
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and any(n.startswith(s) for s in skip)]
+    if lost:
+        log.warning("%d trainable parameters load from a package and are not saved (e.g. %s); "
+                    "call segcompass.checkpoint.freeze_external(model) before training", len(lost), lost[0])
     model.config.save(folder / CONFIG)
     model.tokenizer.save_pretrained(folder)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()

@@ -35,7 +35,8 @@ from torch import nn
 
 from .config import SegCompassConfig
 from .mask_decoder import HeatmapPromptedDecoder
-from .smol import add_special_tokens, adapter_free_keys, apply_lora, count_parameters, resize_embeddings
+from .smol import (add_special_tokens, adapter_free_keys, apply_lora, count_parameters, pick_tokenizer,
+                   resize_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,8 @@ def _split_vlm(vlm, config: SegCompassConfig, lm_folder: Path):
 def build_fullscale_parts(config: SegCompassConfig, tokenizer=None):
     """-> (vision encoder, causal LM, tokenizer, mask decoder) built from config.lm.path and config.mask.sam_path.
 
-    `tokenizer`: a checkpoint's saved tokenizer; None loads the VLM folder's and adds the special tokens.
+    `tokenizer`: a checkpoint's saved tokenizer; None (or one that does not extend the VLM's
+    vocabulary) loads the VLM folder's and adds the special tokens.
     """
     from transformers import AutoTokenizer
 
@@ -328,7 +330,7 @@ def build_fullscale_parts(config: SegCompassConfig, tokenizer=None):
 
     base_tokenizer = AutoTokenizer.from_pretrained(lm_folder)
     base_vocab = len(base_tokenizer)
-    tokenizer = tokenizer if tokenizer is not None else base_tokenizer
+    tokenizer = pick_tokenizer(tokenizer, base_tokenizer)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     token_ids = add_special_tokens(tokenizer)

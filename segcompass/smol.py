@@ -120,6 +120,27 @@ def adapter_free_keys(lm: nn.Module) -> list[str]:
     return [k for k in lm.state_dict() if not any(m in k for m in ADAPTER_MARKERS)]
 
 
+def same_vocabulary(tokenizer, base) -> bool:
+    """Does `tokenizer` extend `base` (same ids for the base tokens)? Checked on a spread of ids."""
+    n = len(base)
+    if len(tokenizer) < n:
+        return False
+    ids = sorted({0, 1, 2, n // 7, n // 3, n // 2, n - 1})
+    return tokenizer.convert_ids_to_tokens(ids) == base.convert_ids_to_tokens(ids)
+
+
+def pick_tokenizer(tokenizer, base):
+    """The tokenizer to build with: a given one that extends the pretrained vocabulary (a checkpoint's),
+    else the pretrained one (a pretrained LM cannot use another vocabulary, e.g. a word-level one)."""
+    if tokenizer is None or tokenizer is base:
+        return base
+    if same_vocabulary(tokenizer, base):
+        return tokenizer
+    log.warning("ignoring the given tokenizer (%d tokens): it does not extend the pretrained LM's vocabulary",
+                len(tokenizer))
+    return base
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors count once."""
     params = {id(p): p for p in module.parameters()}.values()
@@ -140,8 +161,8 @@ def check_architecture(cfg: LMConfig, hf_config) -> None:
 def build_smollm2_backbone(cfg: LMConfig, tokenizer=None):
     """-> (SmolLM2 with special tokens and LoRA, tokenizer).
 
-    `tokenizer`: a checkpoint's saved tokenizer (already holding the special tokens); None builds
-    one from the package. The returned LM carries `external_keys`: its state-dict keys that load
+    `tokenizer`: a checkpoint's saved tokenizer (already holding the special tokens); None, or one
+    that does not extend SmolLM2's vocabulary, means the package's. The returned LM carries `external_keys`: its state-dict keys that load
     from the package and are left out of checkpoints.
     """
     from .backbones.smollm2 import load_smollm2
@@ -149,7 +170,7 @@ def build_smollm2_backbone(cfg: LMConfig, tokenizer=None):
     lm, base_tokenizer = load_smollm2(dtype=torch.float32)
     check_architecture(cfg, lm.config)
     base_vocab = len(base_tokenizer)
-    tokenizer = tokenizer if tokenizer is not None else base_tokenizer
+    tokenizer = pick_tokenizer(tokenizer, base_tokenizer)
     token_ids = add_special_tokens(tokenizer)
     new_ids = resize_embeddings(lm, tokenizer, token_ids, base_vocab)
     lm.config.pad_token_id = tokenizer.pad_token_id

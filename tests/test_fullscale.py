@@ -151,16 +151,17 @@ def test_one_training_step_of_each_stage(model, scene):
     pixels = prep.pixels[None].expand(2, -1, -1, -1)
     model.train()
     try:
-        out = model(pixels, [prep.valid_hw] * 2, batch.ids, batch.roles, batch.attention_mask, batch.prompt_lengths)
-        # SFT / joint: LM loss on the completion + a mask loss.
-        keep = (torch.arange(batch.ids.shape[1])[None] >= batch.prompt_lengths[:, None]) & (batch.attention_mask > 0)
-        labels = batch.ids.masked_fill(~keep, -100)[:, 1:]
-        lm_loss = torch.nn.functional.cross_entropy(out.lm_logits[:, :-1].flatten(0, 1).float(), labels.flatten())
-        target = torch.zeros_like(out.mask_logits)
-        seg_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits, target)
-        (lm_loss + seg_loss).backward()
-        # SAE stage: reconstruction of the layer-L states of real (non-padding) tokens.
-        sae_loss(model.sae, out.hook_states.detach()[batch.attention_mask > 0].float())["loss"].backward()
+        with torch.enable_grad():  # another test may have left grad mode off
+            out = model(pixels, [prep.valid_hw] * 2, batch.ids, batch.roles, batch.attention_mask, batch.prompt_lengths)
+            # SFT / joint: LM loss on the completion + a mask loss.
+            keep = (torch.arange(batch.ids.shape[1])[None] >= batch.prompt_lengths[:, None]) & (batch.attention_mask > 0)
+            labels = batch.ids.masked_fill(~keep, -100)[:, 1:]
+            lm_loss = torch.nn.functional.cross_entropy(out.lm_logits[:, :-1].flatten(0, 1).float(), labels.flatten())
+            target = torch.zeros_like(out.mask_logits)
+            seg_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits, target)
+            (lm_loss + seg_loss).backward()
+            # SAE stage: reconstruction of the layer-L states of real (non-padding) tokens.
+            sae_loss(model.sae, out.hook_states.detach()[batch.attention_mask > 0].float())["loss"].backward()
     finally:
         model.eval()
     grads = {n: p.grad for n, p in model.named_parameters()}

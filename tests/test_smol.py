@@ -111,11 +111,13 @@ def test_one_training_step_reaches_lora_token_rows_and_heads_not_the_frozen_trun
     batch = lang.pack([prompt], [lang.encode_completion("a red circle")])
     smol.train()
     try:
-        out = smol(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
-                   batch.prompt_lengths)
-        labels = batch.ids[:, 1:].masked_fill(torch.arange(batch.ids.shape[1] - 1)[None] < batch.prompt_lengths - 1, -100)
-        lm_loss = torch.nn.functional.cross_entropy(out.lm_logits[:, :-1].flatten(0, 1), labels.flatten())
-        (lm_loss + out.mask_logits.sigmoid().mean()).backward()
+        with torch.enable_grad():  # another test may have left grad mode off
+            out = smol(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                       batch.prompt_lengths)
+            labels = batch.ids[:, 1:].masked_fill(
+                torch.arange(batch.ids.shape[1] - 1)[None] < batch.prompt_lengths - 1, -100)
+            lm_loss = torch.nn.functional.cross_entropy(out.lm_logits[:, :-1].flatten(0, 1), labels.flatten())
+            (lm_loss + out.mask_logits.sigmoid().mean()).backward()
     finally:
         smol.eval()
     grads = {n: p.grad for n, p in smol.named_parameters() if p.requires_grad}
