@@ -48,10 +48,12 @@ def set_trainable(model, stage: str) -> None:
 
 def freeze_unused(model, loss: torch.Tensor) -> list[str]:
     """Backpropagate a probe loss and freeze trainable parameters it never reaches (e.g. SAM's point
-    embeddings when only mask prompts are used); returns their names."""
+    embeddings when only mask prompts are used, or the multimask output heads whose outputs are
+    sliced away and so get exactly zero gradient); returns their names."""
     model.zero_grad(set_to_none=True)
     loss.backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    unused = [n for n, p in model.named_parameters()
+              if p.requires_grad and (p.grad is None or not bool(p.grad.any()))]
     for n, p in model.named_parameters():
         if n in unused:
             p.requires_grad_(False)

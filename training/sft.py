@@ -60,7 +60,8 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device) -> tuple[torch.Tensor,
     return loss, stats
 
 
-def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None) -> Path:
+def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None, model=None) -> Path:
+    """Train (or resume) SFT in run_dir; `model` optionally supplies the fresh model (tests)."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -80,7 +81,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     if state is not None:
         model = SegCompass.from_pretrained(run / MODEL_DIR)
         log.info("resuming SFT from step %d", state["step"])
-    else:
+    elif model is None:
         model = build_model(model_cfg, tokenizer=build_word_tokenizer(corpus(examples)))
     model.train()
     set_trainable(model, "sft")

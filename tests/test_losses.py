@@ -1,0 +1,49 @@
+"""Hungarian slot matching and the segmentation / confidence losses."""
+
+import torch
+
+from training.losses import dice_loss, focal_loss, hungarian_match, seg_losses, soft_iou_matrix
+
+
+def test_hungarian_matching_by_soft_iou():
+    a = torch.zeros(4, 4); a[:2] = 1
+    b = torch.zeros(4, 4); b[2:] = 1
+    slots = torch.stack([b, torch.zeros(4, 4), a]).flatten(1)
+    targets = torch.stack([a, b]).flatten(1)
+    score = soft_iou_matrix(slots, targets)
+    assert sorted(hungarian_match(score)) == [(0, 1), (2, 0)]
+    assert hungarian_match(torch.zeros(3, 0)) == []
+
+
+def test_dice_and_focal_prefer_the_right_mask():
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    good, bad = torch.tensor([9.0, 9.0, -9.0, -9.0]), -torch.tensor([9.0, 9.0, -9.0, -9.0])
+    assert dice_loss(good, t) < 0.01 < 0.7 < dice_loss(bad, t)
+    assert focal_loss(good, t) < focal_loss(bad, t)
+
+
+def _logits(mask, scale=8.0):
+    return (mask * 2 - 1) * scale
+
+
+def test_seg_losses_match_slots_and_set_confidence_targets():
+    h = torch.zeros(2, 4, 4); h[0, :2] = 1; h[1, 2:] = 1  # two targets
+    m = h.repeat_interleave(2, 1).repeat_interleave(2, 2)  # the same at 8 x 8
+    heat = torch.stack([_logits(h[1]), _logits(torch.zeros(4, 4)), _logits(h[0])])[None]  # slots: t1, -, t0
+    mask = torch.stack([_logits(m[1]), _logits(torch.zeros(8, 8)), _logits(m[0])])[None]
+    conf = torch.tensor([[5.0, -5.0, 5.0]])
+    out = seg_losses(heat, mask, conf, [h], [m], c_dice=1.0, c_focal=1.0)
+    assert sorted(out.matches[0]) == [(0, 1), (2, 0)]
+    assert float(out.seg) < 0.05 and float(out.confidence) < 0.05
+    wrong_conf = seg_losses(heat, mask, -conf, [h], [m])
+    assert float(wrong_conf.confidence) > 1.0
+
+
+def test_seg_losses_with_no_target_only_train_confidence_down():
+    heat = torch.randn(1, 3, 4, 4, requires_grad=True)
+    mask = torch.randn(1, 3, 8, 8, requires_grad=True)
+    conf = torch.zeros(1, 3, requires_grad=True)
+    out = seg_losses(heat, mask, conf, [torch.zeros(0, 4, 4)], [torch.zeros(0, 8, 8)])
+    assert float(out.seg) == 0.0 and out.matches == [[]]
+    (out.seg + out.confidence).backward()
+    assert bool((conf.grad > 0).all())  # pushes every slot's confidence down

@@ -1,0 +1,187 @@
+"""Training stages on tiny data: every trainable parameter changes, every frozen one does not;
+resuming continues from the saved step; the eval command scores a generated folder."""
+
+import json
+
+import pytest
+import torch
+
+from segcompass.model import SegCompass
+from training.configs import stage_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from training.data.shapeworld import generate_split
+
+    root = tmp_path_factory.mktemp("shapeworld")
+    generate_split(root, "train", 6, seed=0)
+    generate_split(root, "test", 3, seed=0)
+    return root
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_trained_exactly(before, model, trainable):
+    after = dict(model.named_parameters())
+    assert trainable, "nothing was trained"
+    for name, old in before.items():
+        changed = not torch.equal(old, after[name].detach())
+        if name in trainable:
+            assert changed, f"trainable parameter {name} did not change"
+        else:
+            assert not changed, f"frozen parameter {name} changed"
+
+
+def sft(data, run, head="segcompass", **kw):
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import corpus, load_examples
+    from training.sft import run_sft
+
+    cfg = stage_config("sft", "smoke", dict(data=str(data), head=head, **kw))
+    examples = load_examples(cfg.data, "train", get_preset("tiny"), cache=False)
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny").replace(head=head), build_word_tokenizer(corpus(examples)))
+    before = snapshot(model)
+    run_sft(cfg, run, resume=False, examples=examples, model=model)
+    return before, model
+
+
+@pytest.fixture(scope="module")
+def sft_run(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "sft"
+    before, model = sft(data, run)
+    return run, before, model
+
+
+def test_sft_trains_everything_but_the_sae(sft_run):
+    run, before, model = sft_run
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("sae.") for n in trainable)
+    for part in ("vision.stem", "language.lm.model.layers.0", "language.projector", "codebook.W_cb", "slot_mapper",
+                 "mask_decoder.mask_decoder", "mask_decoder.prompt_encoder.mask_embed"):
+        assert any(n.startswith(part) for n in trainable), part
+    assert_trained_exactly(before, model, trainable)
+    saved = SegCompass.from_pretrained(run / "model")
+    assert torch.equal(saved.codebook.W_cb.weight, model.codebook.W_cb.weight.detach())
+    assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
+def test_sft_resumes_from_the_saved_step(data, sft_run, tmp_path):
+    from training.sft import run_sft
+
+    run, _, _ = sft_run
+    import shutil
+
+    shutil.copytree(run, tmp_path / "sft")
+    cfg = stage_config("sft", "smoke", dict(data=str(data), steps=5))
+    run_sft(cfg, tmp_path / "sft")
+    assert torch.load(tmp_path / "sft" / "trainer_state.pt", weights_only=True)["step"] == 5
+    assert "resuming SFT from step 3" in (tmp_path / "sft" / "sft.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def sae_run(data, sft_run):
+    from training.sae_stage import run_sae
+
+    run, _, _ = sft_run
+    out = run.parent / "sae"
+    run_sae(stage_config("sae", "smoke", dict(data=str(data))), run / "model", out, resume=False)
+    return out
+
+
+def test_sae_stage_trains_only_the_sae_and_reports(sft_run, sae_run):
+    run, _, _ = sft_run
+    before = SegCompass.from_pretrained(run / "model")
+    after = SegCompass.from_pretrained(sae_run / "model")
+    trainable = {n for n, _ in after.named_parameters() if n.startswith("sae.")}
+    assert_trained_exactly(snapshot(before), after, trainable)
+    report = json.loads((sae_run / "sae_report.json").read_text())
+    assert set(report["runs"]) == {"topk", "relu"}
+    for stats in report["runs"].values():
+        assert {"explained_variance", "l0", "dead_fraction"} <= set(stats)
+    assert report["runs"]["topk"]["l0"] <= 16.0
+
+
+def test_joint_stage_trains_the_right_parts(data, sae_run):
+    from training.joint import run_joint
+
+    init = sae_run / "model"
+    before = snapshot(SegCompass.from_pretrained(init))
+    cfg = stage_config("joint", "smoke", dict(data=str(data), steps=2, grpo_every=2))
+    out = run_joint(cfg, init, sae_run.parent / "joint", resume=False)
+    model = SegCompass.from_pretrained(out)
+    log = (sae_run.parent / "joint" / "joint.log").read_text()
+    assert "grpo reward" in log  # a GRPO step on the policy's own rollouts ran
+    L = model.config.lm.hook_layer
+    trainable = set()
+    for name, _ in model.named_parameters():
+        top = name.startswith(tuple(f"language.lm.model.layers.{i}." for i in range(L, model.config.lm.num_layers)))
+        if top or name.startswith(("codebook.", "slot_mapper.", "language.lm.lm_head", "language.lm.model.norm",
+                                   "mask_decoder.")):
+            trainable.add(name)
+    # never reached with heatmap prompts and single-mask output: SAM's point/box/no-mask embeddings, IoU head
+    unused = ("iou_prediction_head", "point_embed", "not_a_point_embed", "no_mask_embed",
+              *(f"output_hypernetworks_mlps.{i}." for i in range(1, 8)))
+    trainable -= {n for n in trainable if any(u in n for u in unused)}
+    assert_trained_exactly(before, model, trainable)
+
+
+@pytest.mark.parametrize("head", ["latent_query", "box_text"])
+def test_baselines_train_through_sft_and_joint(data, tmp_path, head):
+    from training.joint import run_joint
+
+    before, model = sft(data, tmp_path / "sft", head=head)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("codebook.", "slot_mapper.", "sae.")) for n in trainable)
+    if head == "latent_query":
+        assert any(n.startswith("baseline.prompt") for n in trainable)
+    assert_trained_exactly(before, model, trainable)
+    cfg = stage_config("joint", "smoke", dict(data=str(data), steps=2, grpo_every=2))
+    out = run_joint(cfg, tmp_path / "sft" / "model", tmp_path / "joint", resume=False)
+    loaded = SegCompass.from_pretrained(out)
+    assert loaded.config.head == head
+
+
+def test_box_text_reads_the_boxes_it_writes(data):
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import completion_cot, corpus, load_examples
+
+    examples = load_examples(str(data), "train", get_preset("tiny"), cache=False)
+    model = build_model(get_preset("tiny").replace(head="box_text"), build_word_tokenizer(corpus(examples)))
+    lang = model.language
+    ex = next(e for e in examples if e.boxes)
+    packed = lang.pack([lang.build_prompt(ex.instruction, model.num_visual)],
+                       [lang.encode_completion(completion_cot(ex, "box_text"))])
+    boxes, has = model.baseline.boxes(packed.ids, packed.prompt_lengths)
+    assert int(has.sum()) == ex.target_mask.shape[0] or int(has.sum()) == model.config.codebook.num_slots
+    cell = model.config.vision.image_size / 32
+    x0, y0, x1, y1 = boxes[0, 0].tolist()
+    # the target's mass lies inside its box (mask-logit grid is 4 pixels per cell at this size)
+    ys, xs = torch.nonzero(ex.target_mask[0] > 0.5, as_tuple=True)
+    scale = model.config.vision.image_size / ex.target_mask.shape[-1]
+    assert x0 - cell <= float(xs.min()) * scale and float(xs.max() + 1) * scale <= x1 + cell
+    assert y0 - cell <= float(ys.min()) * scale and float(ys.max() + 1) * scale <= y1 + cell
+
+
+def test_eval_command_scores_a_generated_folder(data, sft_run, tmp_path, capsys):
+    from training.__main__ import main
+
+    run, _, _ = sft_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data), "--split", "test",
+                 "--out", str(out), "--save-masks", str(tmp_path / "masks")]) == 0
+    result = json.loads(out.read_text())
+    assert result["count"] == 3 and 0.0 <= result["gIoU"] <= 1.0 and 0.0 <= result["cIoU"] <= 1.0
+    assert {"N-acc", "T-acc", "per_family_gIoU"} <= set(result)
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 3
+    assert json.loads(capsys.readouterr().out)["count"] == 3
+    # DIR may also be the split folder itself
+    assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data / "test"), "--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 2
