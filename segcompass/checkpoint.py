@@ -43,7 +43,18 @@ def freeze_external(model) -> int:
 def checkpoint_state(model) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: everything except frozen weights that load from a package."""
     skip = external_prefixes(model)
-    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in skip)}
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if any(k.startswith(p) for p in skip):
+            continue
+        # A tied tensor (e.g. the new token rows shared by tied input/output embeddings) is stored
+        # once; loading it restores every alias since they share memory.
+        alias = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and alias in seen:
+            continue
+        seen.add(alias)
+        out[k] = v
+    return out
 
 
 def save_checkpoint(model, folder, dtype: torch.dtype | None = None) -> Path:

@@ -85,6 +85,7 @@ def test_checkpoint_holds_only_trained_weights_and_reloads_exactly(smol, scene, 
 
     from segcompass.model import SegCompass
 
+    smol.save_pretrained(tmp_path / "fp32")  # tied tensors are stored once (safetensors refuses aliases)
     folder = tmp_path / "smol"
     smol.save_pretrained(folder, dtype=torch.float16)
     size_mb = (folder / "model.safetensors").stat().st_size / 2**20
