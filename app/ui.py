@@ -283,13 +283,13 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         with gr.Row(elem_id="top-row"):
             with gr.Column(scale=1, elem_id="input-col"):
                 image = gr.Image(type="filepath", label="Image (click it to list the concepts at a patch)",
-                                 sources=["upload", "clipboard"], height=320, elem_id="image-in")
+                                 sources=["upload", "clipboard"], height=300, elem_id="image-in")
                 instruction = gr.Textbox(label="Instruction", placeholder="e.g. the red circle", lines=2,
                                          max_lines=6, elem_id="instruction")
                 run = gr.Button("Run", variant="primary", elem_id="run-btn")
                 if ex.examples:
                     gr.Examples([[e["image"], e["instruction"]] for e in ex.examples], inputs=[image, instruction],
-                                label="Examples", examples_per_page=12, elem_id="examples")
+                                label="Examples", examples_per_page=5, elem_id="examples")
                 status = gr.Markdown("Upload an image or pick an example, then press Run.", elem_id="status")
             with gr.Column(scale=1, elem_id="cot-col"):
                 cot_text = gr.Textbox(label="Chain of thought", lines=3, max_lines=8, interactive=False,
@@ -304,8 +304,8 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
                                            interactive=False, elem_id="patch-concepts")
         with gr.Row(elem_id="pred-row"):
             before = gr.AnnotatedImage(label="Prediction (slot heatmaps, confidence, ✓ kept; mask)", format="png",
-                                       elem_id="pred-before")
-            after = gr.AnnotatedImage(label="With the edits", format="png", elem_id="pred-after")
+                                       height=420, elem_id="pred-before")
+            after = gr.AnnotatedImage(label="With the edits", format="png", height=420, elem_id="pred-after")
         change = gr.Markdown(NO_EDITS, elem_id="change")
         with gr.Row(elem_id="concept-row"):
             with gr.Column(scale=3):

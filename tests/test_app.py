@@ -23,13 +23,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="session")
 def app_checkpoint(tmp_path_factory):
-    """An untrained tiny checkpoint: gibberish CoT, but every code path runs."""
+    """An untrained tiny checkpoint: gibberish CoT, but every code path runs. Its codebook reads the
+    concepts 30x louder than at initialisation (as a trained one does), so that switching a concept
+    off visibly moves the mask."""
     from segcompass.build import build_model
 
     torch.set_num_threads(1)  # tiny ops: one thread is fastest, and cores are shared
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    build_model("tiny").eval().save_pretrained(folder)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        model.codebook.W_cb.weight.mul_(30.0)
+    model.save_pretrained(folder)
     return folder
 
 
