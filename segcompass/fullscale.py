@@ -24,6 +24,7 @@ SAM's prompt encoder and mask decoder train (the paper scales their learning rat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -365,3 +366,23 @@ def bind_language(language, config: SegCompassConfig) -> None:
     if layout is not None:
         prompt = language.build_prompt("x", config.vision.token_grid**2)
         layout.image_start = prompt.ids.index(language.image_id)
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module):
+    """Gather an FSDP2-sharded model's root parameters for calls that bypass its forward.
+
+    `encode`, `reason` and GRPO sampling call sub-modules (vision, LM, heads) directly; under
+    FSDP2 the root unit's parameters (embeddings, final norm, LM head, SAE, heads) stay sharded
+    there and the call fails ("mixed torch.Tensor and DTensor"). Decoder layers wrapped as their
+    own units gather themselves. A no-op for unsharded models and DeepSpeed ZeRO-2.
+    """
+    unshard = getattr(model, "unshard", None)
+    if unshard is None:
+        yield model
+        return
+    unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()

@@ -243,3 +243,47 @@ def test_bad_full_scale_configs_fail_clearly(folders):
                                                     feature_grid=FEATURE_GRID)))
     with pytest.raises(ValueError, match="does not match the SAM checkpoint"):
         build_model(cfg.replace(vision=VisionConfig(kind="hf", image_size=256, token_grid=8, feature_grid=16)))
+
+
+def test_fsdp2_sharded_training_step_and_encode(folders, scene):
+    """FSDP2 as accelerate's fsdp.yaml applies it (decoder layers, then the root), on one CPU rank:
+    the training forward/backward works through the root; encode needs `full_parameters`."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from segcompass.build import build_model
+    from segcompass.checkpoint import freeze_external
+    from segcompass.fullscale import full_parameters
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(tiny_config("llava", folders, 0))
+        freeze_external(model)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.language.decoder_layers():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        lang = model.language
+        prep = model.prepare(scene)
+        batch = lang.pack([lang.build_prompt("the red circle", model.num_visual)], [lang.encode_completion("red")])
+        with torch.enable_grad():
+            out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                        batch.prompt_lengths)
+            (out.lm_logits.float().logsumexp(-1).mean() + out.mask_logits.sigmoid().mean()).backward()
+        assert model.codebook.W_cb.weight.grad is not None
+        with pytest.raises(RuntimeError, match="DTensor"):
+            model.encode(scene, "the red circle", max_new_tokens=2)
+        with full_parameters(model):
+            trace = model.encode(scene, "the red circle", max_new_tokens=2)
+        assert int((trace.roles == TokenRole.VISUAL).sum()) == TOKEN_GRID["llava"] ** 2
+    finally:
+        dist.destroy_process_group()
