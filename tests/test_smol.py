@@ -129,3 +129,19 @@ def test_one_training_step_reaches_lora_token_rows_and_heads_not_the_frozen_trun
     assert delta and delta[0].abs().sum() > 0  # the reference token's row learns
     assert grads["vision.neck.0.weight"].abs().sum() > 0 and grads["language.projector.0.weight"].abs().sum() > 0
     smol.zero_grad(set_to_none=True)
+
+
+def test_merged_adapters_generate_the_same_and_unmerge_restores(smol, scene):
+    from segcompass.smol import merge_adapters, unmerge_adapters
+
+    base = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    assert merge_adapters(smol)
+    try:
+        merged = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    finally:
+        assert unmerge_adapters(smol)
+    assert torch.equal(merged.token_ids, base.token_ids)
+    assert torch.allclose(merged.sae_error, base.sae_error, rtol=1e-4, atol=1e-3)
+    again = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)  # W + BA - BA: rounding only
+    assert torch.equal(again.token_ids, base.token_ids)
+    assert torch.allclose(again.sae_error, base.sae_error, rtol=1e-4, atol=1e-3)
