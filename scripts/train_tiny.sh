@@ -16,15 +16,19 @@ fi
 mkdir -p "$ROOT"
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$ROOT/stages.txt"; }
 stamp "start head=$HEAD_NAME"
-python -m training sft --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
+python -m training sft --threads "${THREADS:-0}" --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
 stamp "sft done"
 INIT="$ROOT/sft/model"
 if [ "$HEAD_NAME" = segcompass ]; then
-  python -m training sae --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
+  python -m training sae --threads "${THREADS:-0}" --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
   stamp "sae done"
   INIT="$ROOT/sae/model"
 fi
-python -m training joint --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
+python -m training joint --threads "${THREADS:-0}" --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
 stamp "joint done"
-python -m training eval --checkpoint "$ROOT/joint/model" --data "$DATA" --split test --out "$ROOT/eval_test.json"
+# The one global decision rule of decode (slot confidence threshold) is picked on val, never on test.
+python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$ROOT/joint/model" --data "$DATA" --split val \
+  --out-checkpoint "$ROOT/final" > "$ROOT/calibration.json"
+stamp "calibrate done"
+python -m training eval --threads "${THREADS:-0}" --checkpoint "$ROOT/final" --data "$DATA" --split test --out "$ROOT/eval_test.json"
 stamp "eval done"

@@ -3,6 +3,7 @@
     python -m training sft   --run runs/tiny/sft   [--head segcompass|latent_query|box_text] [--set key=value ...]
     python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
     python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
+    python -m training calibrate --checkpoint runs/tiny/joint/model --data DIR --out-checkpoint runs/tiny/final
     python -m training eval  --checkpoint DIR --data DIR [--split val] [--limit N] [--out FILE] [--save-masks DIR]
 
 Every training stage resumes from RUN/trainer_state.pt + RUN/model/ when they exist (--fresh to restart).
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the JSON here")
     e.add_argument("--save-masks", default=None, help="write each predicted mask as NAME.png here")
     e.add_argument("--threads", type=int, default=0)
+    c = sub.add_parser("calibrate", help="pick the slot confidence threshold on a held-out split")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--data", required=True)
+    c.add_argument("--split", default="val")
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--out-checkpoint", required=True, help="where the calibrated checkpoint is written")
+    c.add_argument("--threads", type=int, default=0)
     return p
 
 
@@ -53,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import run_eval
 
         return run_eval(args)
+    if args.stage == "calibrate":
+        from .evaluate import run_calibrate
+
+        return run_calibrate(args)
     from .configs import parse_override, stage_config
 
     overrides = dict(parse_override(kv) for kv in args.set)

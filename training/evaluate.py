@@ -70,3 +70,48 @@ def run_eval(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0
+
+
+def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limit: int | None = None,
+              out_checkpoint: str | Path | None = None, thresholds=None) -> dict:
+    """Pick the slot confidence threshold (the one global decision rule of `decode`) on a held-out
+    split: encode + decode each example once, then score the union of the slots whose confidence
+    passes each candidate threshold. Writes the checkpoint with the best threshold to out_checkpoint."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from segcompass.metrics import Scoreboard
+    from segcompass.model import SegCompass
+    from training.data.loaders import load_reasonseg
+
+    model = SegCompass.from_pretrained(checkpoint).eval()
+    folder, split = resolve_split(data, split)
+    samples = load_reasonseg(folder, split)[:limit]
+    thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
+    boards = {t: Scoreboard() for t in thresholds}
+    for sample in tqdm(samples, desc=f"calibrate on {split}", unit="ex"):
+        gt = sample.gt_mask()
+        pred = model.decode(model.encode(sample.load_image(), sample.texts[0]))
+        for t in thresholds:
+            mask = np.zeros(gt.shape, bool)
+            for k in np.nonzero(pred.confidences.numpy() > t)[0]:
+                mask |= pred.slot_masks[k]
+            boards[t].add(mask, gt, sample.family)
+    sweep = {t: boards[t].result().giou for t in thresholds}
+    best = max(thresholds, key=lambda t: (sweep[t], -abs(t - 0.5)))
+    result = {"split": split, "count": len(samples), "sweep_gIoU": sweep, "threshold": best,
+              "previous_threshold": model.config.mask.confidence_threshold}
+    if out_checkpoint is not None:
+        model.config = model.config.replace(mask=dataclasses.replace(model.config.mask, confidence_threshold=best))
+        model.save_pretrained(out_checkpoint)
+        result["checkpoint"] = str(out_checkpoint)
+    log.info("confidence threshold %.2f (val gIoU %.4f; at %.2f: %.4f)", best, sweep[best],
+             result["previous_threshold"], sweep.get(result["previous_threshold"], float("nan")))
+    return result
+
+
+def run_calibrate(args) -> int:
+    result = calibrate(args.checkpoint, args.data, args.split, args.limit, args.out_checkpoint)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -115,7 +115,10 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     optimizer = torch.optim.AdamW(param_groups(model, "joint", cfg.lr, cfg, weight_decay=0.0))
     step, clock = 0, Clock(cfg.steps, cfg.minutes)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # the trainable set changed since the state was saved
+            log.warning("optimizer state not restored (%s); continuing with a fresh optimizer", err)
         step, clock.elapsed = state["step"], state["elapsed"]
         restore_rng(state)
         log.info("resuming joint stage from step %d", step)

@@ -91,7 +91,10 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     optimizer = torch.optim.AdamW(param_groups(model, "sft", cfg.lr, weight_decay=cfg.weight_decay))
     step, clock = 0, Clock(cfg.steps, cfg.minutes)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # the trainable set changed since the state was saved
+            log.warning("optimizer state not restored (%s); continuing with a fresh optimizer", err)
         step, clock.elapsed = state["step"], state["elapsed"]
         restore_rng(state)
     model, optimizer = accelerator.prepare(model, optimizer)
