@@ -287,3 +287,18 @@ def test_fsdp2_sharded_training_step_and_encode(folders, scene):
         assert int((trace.roles == TokenRole.VISUAL).sum()) == TOKEN_GRID["llava"] ** 2
     finally:
         dist.destroy_process_group()
+
+
+def test_accelerate_config_files_parse():
+    import json
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    fsdp = load_config_from_file(str(root / "fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    ds = load_config_from_file(str(root / "deepspeed_zero2.yaml"))
+    assert ds.distributed_type == "DEEPSPEED"
+    ds_json = json.loads((root / "deepspeed_zero2.json").read_text())
+    assert ds_json["zero_optimization"]["stage"] == 2 and ds_json["train_micro_batch_size_per_gpu"] >= 1
