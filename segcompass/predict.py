@@ -29,14 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import torch
     from PIL import Image
 
     from .checkpoint import CheckpointError
     from .model import SegCompass
     from .vision import to_rgb_array
 
-    torch.set_grad_enabled(False)
     folder = args.checkpoint or default_checkpoint()
     if folder is None:
         log.error("no checkpoint given and none shipped in assets/checkpoints/")
