@@ -46,7 +46,7 @@ def slot_name(k: int, pred: Prediction) -> str:
     return f"slot {k + 1} ({float(pred.confidences[k]):.2f}){kept}"
 
 
-def annotations(image: np.ndarray, pred: Prediction) -> tuple[tuple, dict[str, str]]:
+def annotations(image: np.ndarray | str, pred: Prediction) -> tuple[tuple, dict[str, str]]:
     """(value, color_map) for gr.AnnotatedImage: every slot's heatmap in its colour, then the mask."""
     items, colours = [], {}
     for k in range(pred.slot_heatmaps.shape[0]):

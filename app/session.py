@@ -37,6 +37,7 @@ class Session:
     reasoned: Trace | None = None  # the re-reasoned trace ("Re-reason with these edits")
     reasoned_pred: Prediction | None = None
     reasoned_edits: list[ConceptEdit] = field(default_factory=list)
+    image_file: str | None = None  # `image` as a PNG under the temp dir (the overlays' base image)
 
     @property
     def current(self) -> Prediction:
@@ -47,6 +48,16 @@ class Session:
 
     def concept_info(self, concept: int) -> ConceptInfo | None:
         return next((c for c in self.concepts if c.concept == concept), None)
+
+
+def save_png(image: np.ndarray) -> str:
+    """Write an image once as a PNG under the temp dir (where gradio may serve it from); returns the path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="segcompass-", suffix=".png")
+    with open(fd, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG", compress_level=1)
+    return path
 
 
 def downscale(image: np.ndarray, max_side: int = MAX_IMAGE_SIDE) -> tuple[np.ndarray, float]:

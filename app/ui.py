@@ -22,7 +22,7 @@ from .export import export_zip
 from .labels import LabelStore
 from .render import annotations, change_markdown, compare, concept_colour
 from .session import (
-    Done, Session, cot_display, downscale, edit_status, first_divergence, token_name, token_piece, toggled,
+    Done, Session, save_png, cot_display, downscale, edit_status, first_divergence, token_name, token_piece, toggled,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Explorer:
         return {"headers": TOKEN_COLUMNS,
                 "data": [[f, self.label_text(labels, f), round(v, 4), edit_status(s.edits, f)] for f, v in pairs]}
 
-    def shaded_tokens(self, s: Session) -> gr.HighlightedText:
+    def shaded_tokens(self, s: Session) -> dict:
         """Each generated token shaded by its strongest concept (one colour per concept)."""
         strongest = strongest_concept_per_token(s.trace)
         pieces, _ = cot_display(s.trace, self.word_level)
@@ -86,11 +86,13 @@ class Explorer:
             name = f"#{best[0]}"
             colours[name] = concept_colour(best[0])
             value.append((piece, name))
-        return gr.HighlightedText(value=value, color_map=colours)
+        return gr.update(value=value, color_map=colours)
 
-    def overlay(self, s: Session, pred) -> gr.AnnotatedImage:
-        value, colours = annotations(s.image, pred)
-        return gr.AnnotatedImage(value=value, color_map=colours)
+    def overlay(self, s: Session, pred) -> dict:
+        """An update of an AnnotatedImage. The base image is the PNG written once per run (re-encoding
+        it on every toggle cost ~10 ms); gr.update, unlike a component instance, is postprocessed once."""
+        value, colours = annotations(s.image_file or s.image, pred)
+        return gr.update(value=value, color_map=colours)
 
     def after_outputs(self, s: Session):
         """(after image, change text, concept table, edits JSON) for the current edits."""
@@ -137,7 +139,8 @@ class Explorer:
         pred = self.model.decode(trace)
         concepts = top_concepts(self.model, trace, limit=TOP_CONCEPTS)
         _, positions = cot_display(trace, self.word_level)
-        s = Session(image=arr, scale=scale, trace=trace, base=pred, concepts=concepts, cot_positions=positions)
+        s = Session(image=arr, scale=scale, trace=trace, base=pred, concepts=concepts, cot_positions=positions,
+                    image_file=save_png(arr))
         status = (f"Done: {len(positions)} CoT tokens, {len(concepts)} concepts shown, "
                   f"slots kept {[k + 1 for k in pred.kept_slots]}, mask {int(pred.mask.sum())} px"
                   + ("" if trace.ref_found else " · no reference token emitted (last token stands in)"))

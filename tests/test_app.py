@@ -69,12 +69,13 @@ def test_run_streams_then_shows_slots_mask_and_concepts(explorer, picture):
     final = outs[-1]
     assert final[2] == (s.trace.cot or s.trace.completion)
     K = explorer.model.config.codebook.num_slots
-    image, anns = final[4].value["image"], final[4].value["annotations"]
-    assert image is not None and len(anns) == K + 1  # one heatmap per slot, then the mask
-    assert [a["label"].startswith("slot") for a in anns] == [True] * K + [False]
+    image, anns = final[4]["value"]
+    assert image == s.image_file and len(anns) == K + 1  # one heatmap per slot, then the mask
+    assert [label.startswith("slot") for _, label in anns] == [True] * K + [False]
+    assert set(final[4]["color_map"]) == {label for _, label in anns}
     table = final[7]
     assert table["headers"][0] == "concept" and len(table["data"]) == len(s.concepts) > 0
-    shaded = final[3].value
+    shaded = final[3]["value"]
     assert len(shaded) == len(s.cot_positions) and any(label for _, label in shaded)
 
 
@@ -123,7 +124,7 @@ def test_toggle_reruns_decode_only_and_edits_combine(explorer, picture, monkeypa
     assert torch.equal(s.edited.heatmaps, expected.heatmaps)
     assert f"{compare(s.base, expected).iou:.3f}" in text and "pixels changed" in text
     assert dict((row[0], row[-1]) for row in table["data"])[a] == "off"
-    assert after.value["annotations"]
+    assert after["value"][1]
     # A second concept, scaled: both edits apply, in order.
     s, *_ = explorer.toggle(s, b, "scale", 2.5)
     both = explorer.model.decode(s.trace, [ConceptEdit(a), ConceptEdit(b, op="scale", value=2.5)])
