@@ -185,3 +185,15 @@ def test_eval_command_scores_a_generated_folder(data, sft_run, tmp_path, capsys)
     # DIR may also be the split folder itself
     assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data / "test"), "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 2
+
+
+def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft_run, tmp_path, capsys):
+    from training.__main__ import main
+
+    run, _, _ = sft_run
+    assert main(["calibrate", "--checkpoint", str(run / "model"), "--data", str(data), "--split", "test",
+                 "--out-checkpoint", str(tmp_path / "final")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 < result["threshold"] < 1.0 and len(result["sweep_gIoU"]) >= 10
+    calibrated = SegCompass.from_pretrained(tmp_path / "final")
+    assert calibrated.config.mask.confidence_threshold == result["threshold"]

@@ -46,6 +46,17 @@ def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torc
     return loss, {"seg": float(seg.seg), "conf": float(seg.confidence)}
 
 
+def _valid_prefix(ids: list[int], lang) -> list[int]:
+    """A sample cut before any token that can never be fed back as text (an <image> placeholder
+    would need a visual token; the prompt's own special tokens). The cut completion lacks its
+    reference token, so the format reward scores it 0, as it should."""
+    bad = {lang.image_id, lang.tokenizer.bos_token_id, lang.pad_id}
+    for i, t in enumerate(ids):
+        if t in bad and not (t == lang.pad_id == lang.eos_id):
+            return ids[:i] or [lang.eos_id]
+    return ids
+
+
 def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, generator) -> tuple[torch.Tensor, dict]:
     """One GRPO step on P prompts x G own samples."""
     lang, G = model.language, cfg.group_size
@@ -56,7 +67,8 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
     valid_hw = [e.valid_hw for e in rows]
     prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in rows]
     gen = lang.generate(prompts, tokens, cfg.max_new_tokens, cfg.temperature, generator)
-    completions = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(rows))]
+    completions = [_valid_prefix(gen.completion_ids[i][gen.completion_mask[i].bool()].tolist(), lang)
+                   for i in range(len(rows))]
     packed = lang.pack(prompts, completions)
     ids, mask = packed.ids.to(device), packed.attention_mask.to(device)
     out = model(None, valid_hw, ids, packed.roles.to(device), mask, packed.prompt_lengths.to(device),
