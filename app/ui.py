@@ -31,7 +31,8 @@ MODEL = "model"  # the concurrency id of every event that runs the model
 TOP_CONCEPTS = 30
 CONCEPT_COLUMNS = ["concept", "label", "contribution", "max act.", "visual", "CoT", "instr.", "fires on", "edit"]
 TOKEN_COLUMNS = ["concept", "label", "activation", "edit"]
-SEARCH_COLUMNS = ["concept", "label", "source", "auto score", "contribution here"]
+SEARCH_COLUMNS = ["concept", "label", "source", "auto score", "match", "contribution here"]
+MEANING_MIN_COSINE = 0.35  # semantic matches below this cosine are not shown
 NO_EDITS = "No edits yet: click a concept (or type its number and press Toggle) to switch it off."
 
 
@@ -255,12 +256,37 @@ class Explorer:
                else f"Removed the human label of concept {concept}.")
         return msg, (self.concept_table(state) if state is not None else gr.skip())
 
-    def search(self, state: Session | None, text: str):
-        found = self.store.search(self.fingerprint, text or "")
+    def search(self, state: Session | None, text: str, meaning: bool = False):
+        """Concepts whose label contains the words of `text`, or (meaning=True) whose label is close
+        to it in all-MiniLM-L6-v2 embedding space."""
+        if meaning and (text or "").strip():
+            found = self.search_meaning(text)
+        else:
+            found = [(lab, "words") for lab in self.store.search(self.fingerprint, text or "")]
         contrib = {c.concept: c.contribution for c in state.concepts} if state is not None else {}
         rows = [[lab.concept, lab.text, lab.source, None if lab.auto_score is None else round(lab.auto_score, 3),
-                 round(contrib[lab.concept], 5) if lab.concept in contrib else ""] for lab in found]
+                 match, round(contrib[lab.concept], 5) if lab.concept in contrib else ""] for lab, match in found]
         return {"headers": SEARCH_COLUMNS, "data": rows}
+
+    def search_meaning(self, text: str, limit: int = 25) -> list:
+        """[(label, "cos 0.71")] by cosine similarity of MiniLM embeddings (label vectors cached)."""
+        try:
+            from segcompass.backbones.minilm import embed
+        except ImportError as err:
+            raise gr.Error(f"Search by meaning needs all-MiniLM-L6-v2: {err}") from err
+        labels = [lab for lab in self.store.labels(self.fingerprint).values() if lab.text]
+        if not labels:
+            return []
+        cache = self._embeddings = getattr(self, "_embeddings", {})
+        new = sorted({lab.text for lab in labels} - set(cache))
+        try:
+            if new:
+                cache.update(zip(new, embed(new)))
+            query = embed([" ".join(text.split())])[0]
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise gr.Error(f"Search by meaning needs all-MiniLM-L6-v2: {err}") from err
+        scored = sorted(((float(cache[lab.text] @ query), lab) for lab in labels), key=lambda x: -x[0])
+        return [(lab, f"cos {cos:.2f}") for cos, lab in scored[:limit] if cos >= MEANING_MIN_COSINE]
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, state: Session | None):
@@ -335,7 +361,9 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
             reason_cot = gr.Textbox(label="Re-reasoned chain of thought", lines=3, interactive=False,
                                     elem_id="reason-cot")
         with gr.Row(elem_id="search-row"):
-            query = gr.Textbox(label="Search concept labels", placeholder="e.g. red", elem_id="search")
+            with gr.Column(scale=1):
+                query = gr.Textbox(label="Search concept labels", placeholder="e.g. red", elem_id="search")
+                meaning = gr.Checkbox(label="by meaning (MiniLM embeddings)", value=False, elem_id="search-meaning")
             results = gr.Dataframe(value=_empty(SEARCH_COLUMNS), interactive=False, label="Matching concepts",
                                    elem_id="search-results")
         with gr.Row(elem_id="export-row"):
@@ -360,8 +388,10 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         cot_tokens.select(ex.select_token, [state], [token_table], api_visibility="private")
         image.select(ex.select_patch, [state], [patch_info, patch_table], api_visibility="private")
         rename.click(ex.rename, [state, concept_id, label_box], [label_status, concepts], api_name="rename")
-        query.submit(ex.search, [state, query], [results], api_name="search")
-        query.change(ex.search, [state, query], [results], api_visibility="private", trigger_mode="always_last")
+        query.submit(ex.search, [state, query, meaning], [results], api_name="search")
+        query.change(ex.search, [state, query, meaning], [results], api_visibility="private",
+                     trigger_mode="always_last")
+        meaning.change(ex.search, [state, query, meaning], [results], api_visibility="private")
         export.click(ex.export, [state], [download, export_file], api_name="export")
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo

