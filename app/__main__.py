@@ -28,9 +28,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from .ui import CSS, build_demo, load_explorer
 
-    torch.set_num_threads(max(1, args.threads))
+    from segcompass.checkpoint import CheckpointError
 
-    demo = build_demo(load_explorer(args.checkpoint, args.labels_db), max_queue=args.max_queue)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        explorer = load_explorer(args.checkpoint, args.labels_db)
+    except (CheckpointError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    demo = build_demo(explorer, max_queue=args.max_queue)
+    logging.getLogger("app").info("serving the explorer on http://%s:%d", args.host, args.port)
     demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, css=CSS)
 
 
