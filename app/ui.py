@@ -296,6 +296,12 @@ class Explorer:
         return gr.DownloadButton(value=str(path), visible=True), str(path)
 
 
+def forget(s: Session | None) -> None:
+    """When gradio drops a closed tab's state: remove the run's PNG from the temp dir."""
+    if isinstance(s, Session) and s.image_file:
+        Path(s.image_file).unlink(missing_ok=True)
+
+
 # ---- layout --------------------------------------------------------------------------------------
 CSS = """
 #cot-tokens { max-height: 240px; overflow-y: auto; }
@@ -308,7 +314,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
     with gr.Blocks(title="SegCompass explorer") as demo:
         gr.Markdown("## SegCompass explorer — watch the reasoning, see the slots, switch concepts on and off",
                     elem_id="title")
-        state = gr.State(None)
+        state = gr.State(None, delete_callback=forget)  # one Session per browser tab
         with gr.Row(elem_id="top-row"):
             with gr.Column(scale=1, elem_id="input-col"):
                 image = gr.Image(type="filepath", label="Image (click it to list the concepts at a patch)",

@@ -282,6 +282,25 @@ def test_stream_tokens_passes_tokens_result_and_errors():
         list(stream_tokens(broken))
 
 
+def test_cli_refuses_a_missing_checkpoint_clearly(tmp_path):
+    from app.__main__ import main
+
+    with pytest.raises(SystemExit, match="not a SegCompass checkpoint"):
+        main(["--checkpoint", str(tmp_path / "nope"), "--labels-db", str(tmp_path / "l.sqlite")])
+
+
+def test_forgetting_a_session_removes_its_png(explorer, picture):
+    from pathlib import Path
+
+    from app.ui import forget
+
+    _, s = run_to_end(explorer, picture)
+    assert Path(s.image_file).is_file()
+    forget(s)
+    assert not Path(s.image_file).exists()
+    forget(None)
+
+
 def test_fingerprint_follows_the_weights(app_checkpoint, tmp_path):
     import shutil
 
