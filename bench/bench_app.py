@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 TIMED_CLICK = """() => new Promise((resolve, reject) => {
-  const change = document.querySelector('#change');
+  // The Markdown's own text (.prose), not the progress tracker's "processing | 0.1s" beside it.
+  const change = document.querySelector('#change .prose') || document.querySelector('#change');
   const before = change.innerText;
   const imgs = () => Array.from(document.querySelectorAll('#pred-after img'));
   const srcs = imgs().map(i => i.src).join();
