@@ -317,7 +317,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         state = gr.State(None, delete_callback=forget)  # one Session per browser tab
         with gr.Row(elem_id="top-row"):
             with gr.Column(scale=1, elem_id="input-col"):
-                image = gr.Image(type="filepath", label="Image (click it to list the concepts at a patch)",
+                image = gr.Image(type="filepath", label="Image",
                                  sources=["upload", "clipboard"], height=300, elem_id="image-in")
                 instruction = gr.Textbox(label="Instruction", placeholder="e.g. the red circle", lines=2,
                                          max_lines=6, elem_id="instruction")
@@ -334,7 +334,8 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
                                                 show_inline_category=False, elem_id="cot-tokens")
                 token_table = gr.Dataframe(value=_empty(TOKEN_COLUMNS), label="Concepts of the clicked token",
                                            interactive=False, elem_id="token-concepts")
-                patch_info = gr.Markdown("", elem_id="patch-info")
+                patch_info = gr.Markdown("After a run, click the image to list the concepts active at that patch.",
+                                         elem_id="patch-info")
                 patch_table = gr.Dataframe(value=_empty(TOKEN_COLUMNS), label="Concepts at the clicked patch",
                                            interactive=False, elem_id="patch-concepts")
         with gr.Row(elem_id="pred-row"):
@@ -345,6 +346,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         with gr.Row(elem_id="concept-row"):
             with gr.Column(scale=3):
                 concepts = gr.Dataframe(value=_empty(CONCEPT_COLUMNS), interactive=False, wrap=True,
+                                        column_widths=["8%", "20%", "10%", "8%", "7%", "6%", "6%", "27%", "8%"],
                                         label="Concepts driving the slots (click a row to switch it off / on)",
                                         elem_id="concept-table")
             with gr.Column(scale=1, elem_id="edit-col"):
