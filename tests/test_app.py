@@ -16,6 +16,7 @@ from app.labels import LabelStore, checkpoint_fingerprint
 from app.render import compare, mask_iou
 from app.session import Done, stream_tokens, toggled
 from app.ui import Explorer
+from segcompass.concepts import concepts_at
 from segcompass.records import ConceptEdit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,7 +156,7 @@ def test_token_and_patch_clicks_list_concepts(explorer, tmp_path, scene):
     assert s.image.shape[:2] == (576, 768) and s.scale == pytest.approx(0.5)
     rows = explorer.token_concepts(s, 0)["data"]
     pos = s.cot_positions[0]
-    assert [r[0] for r in rows] == [f for f, _ in __import__("segcompass.concepts").concepts.concepts_at(s.trace, pos, 16)]
+    assert [r[0] for r in rows] == [f for f, _ in concepts_at(s.trace, pos, 16)]
     text, table = explorer.patch_concepts(s, 1500, 20)  # uploaded-image pixels: the top-right patch
     grid = explorer.model.config.vision.token_grid
     assert f"Patch (0, {grid - 1})" in text and table["data"]

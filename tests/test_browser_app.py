@@ -99,7 +99,8 @@ def test_explorer_in_chromium(browser_page, app_url, explorer, tmp_path):  # noq
 
     # Run an example; the CoT streams in unshaded, then every token is shaded by its strongest concept.
     page.locator("#examples tbody tr").nth(0).click()
-    page.wait_for_function(f"document.querySelector('#instruction textarea').value === {json.dumps(example['instruction'])}")
+    wanted = json.dumps(example["instruction"])
+    page.wait_for_function(f"document.querySelector('#instruction textarea').value === {wanted}")
     page.evaluate(WATCH_COT)
     page.click("#run-btn")
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
