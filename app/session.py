@@ -38,6 +38,7 @@ class Session:
     reasoned_pred: Prediction | None = None
     reasoned_edits: list[ConceptEdit] = field(default_factory=list)
     image_file: str | None = None  # `image` as a PNG under the temp dir (the overlays' base image)
+    patch_box: tuple[float, float, float, float] | None = None  # last clicked patch, session-image pixels
 
     @property
     def current(self) -> Prediction:
@@ -158,20 +159,22 @@ def edit_status(edits: list[ConceptEdit], concept: int) -> str:
         if e.concept != concept:
             continue
         what = "off" if e.op == "zero" else (f"×{e.value:g}" if e.op == "scale" else f"={e.value:g}")
-        parts.append(what if e.scope == "all" else f"{what} ({e.scope})")
+        where = "patch" if e.region is not None else ("" if e.scope == "all" else e.scope)
+        parts.append(f"{what} ({where})" if where else what)
     return ", ".join(parts) or "on"
 
 
-def toggled(edits: list[ConceptEdit], concept: int, op: str, value: float, scope: str) -> list[ConceptEdit]:
-    """The edit list after a click on `concept`: remove its edit for this scope if there is one,
-    otherwise add one (switch off, or scale by `value`)."""
-    same = [e for e in edits if e.concept == concept and e.scope == scope]
+def toggled(edits: list[ConceptEdit], concept: int, op: str, value: float, scope: str,
+            region: tuple[float, float, float, float] | None = None) -> list[ConceptEdit]:
+    """The edit list after a click on `concept`: remove its edit for this scope (and region) if there
+    is one, otherwise add one (switch off, or scale by `value`)."""
+    same = [e for e in edits if e.concept == concept and e.scope == scope and e.region == region]
     if same:
         return [e for e in edits if e not in same]
     if op == "scale":
-        edit = ConceptEdit(concept=concept, op="scale", value=float(value), scope=scope)
+        edit = ConceptEdit(concept=concept, op="scale", value=float(value), scope=scope, region=region)
     else:
-        edit = ConceptEdit(concept=concept, op="zero", scope=scope)
+        edit = ConceptEdit(concept=concept, op="zero", scope=scope, region=region)
     return [*edits, edit]
 
 

@@ -33,6 +33,7 @@ CONCEPT_COLUMNS = ["concept", "label", "contribution", "max act.", "visual", "Co
 TOKEN_COLUMNS = ["concept", "label", "activation", "edit"]
 SEARCH_COLUMNS = ["concept", "label", "source", "auto score", "match", "contribution here"]
 MEANING_MIN_COSINE = 0.35  # semantic matches below this cosine are not shown
+PATCH_SCOPE = "clicked patch"
 NO_EDITS = "No edits yet: click a concept (or type its number and press Toggle) to switch it off."
 
 
@@ -168,7 +169,13 @@ class Explorer:
             raise gr.Error("Pick a concept: click a row of the concept table or type its number.") from None
         if not 0 <= concept < s.trace.d_sae:
             raise gr.Error(f"Concept {concept} does not exist (this model has {s.trace.d_sae}).")
-        s.edits = toggled(s.edits, concept, "scale" if op == "scale" else "zero", float(value or 0.0), scope or "all")
+        region = None
+        if scope == PATCH_SCOPE:  # only where the clicked patch is: visual tokens overlapping its box
+            if s.patch_box is None:
+                raise gr.Error("Click the image first to pick the patch this edit applies to.")
+            scope, region = "visual", s.patch_box
+        s.edits = toggled(s.edits, concept, "scale" if op == "scale" else "zero", float(value or 0.0),
+                          scope or "all", region)
         s.edited = self.model.decode(s.trace, s.edits) if s.edits else None
         return (s, *self.after_outputs(s), concept)
 
@@ -224,16 +231,19 @@ class Explorer:
         return self.token_concepts(state, index)
 
     def patch_concepts(self, state: Session | None, x: float, y: float):
-        """(patch description, concepts) at pixel (x, y) of the uploaded image."""
+        """(state, patch description, concepts) at pixel (x, y) of the uploaded image. The patch is
+        remembered for edits "only at the clicked patch"."""
         s = self.require(state)
         xs, ys = float(x) * s.scale, float(y) * s.scale
         pos = visual_token_at(s.trace, xs, ys)
         if pos is None:
-            return f"({x:.0f}, {y:.0f}) is outside the image.", _empty(TOKEN_COLUMNS)
+            return s, f"({x:.0f}, {y:.0f}) is outside the image.", _empty(TOKEN_COLUMNS)
         v = int((s.trace.roles[:pos] == TokenRole.VISUAL).sum())
-        box = [round(float(b) / s.scale) for b in s.trace.patch_boxes[v]]
+        x0, y0, x1, y1 = (float(b) for b in s.trace.patch_boxes[v])
+        s.patch_box = (x0 + 0.5, y0 + 0.5, x1 - 0.5, y1 - 0.5)  # strictly inside: this patch only
+        box = [round(b / s.scale) for b in (x0, y0, x1, y1)]
         text = f"Patch ({v // self.grid}, {v % self.grid}) around ({x:.0f}, {y:.0f}), box {box}"
-        return text, self.concept_rows(s, concepts_at(s.trace, pos, limit=16))
+        return s, text, self.concept_rows(s, concepts_at(s.trace, pos, limit=16))
 
     def select_patch(self, state: Session | None, evt: gr.SelectData):
         x, y = evt.index
@@ -352,7 +362,8 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
             with gr.Column(scale=1, elem_id="edit-col"):
                 op = gr.Radio(["switch off", "scale"], value="switch off", label="A click does", elem_id="edit-op")
                 factor = gr.Slider(-2.0, 4.0, value=0.0, step=0.1, label="Scale factor", elem_id="edit-scale")
-                scope = gr.Dropdown(["all", "visual", "instruction", "cot"], value="all", label="On which tokens",
+                scope = gr.Dropdown(["all", "visual", "instruction", "cot", PATCH_SCOPE], value="all",
+                                    label="On which tokens",
                                     elem_id="edit-scope")
                 concept_id = gr.Number(label="Concept", precision=0, elem_id="concept-id")
                 with gr.Row():
@@ -397,7 +408,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         reason.click(ex.reason, [state], [state, reason_cot, reason_note, after, change, concepts, edits_view],
                      api_name="reason", **model_events)
         cot_tokens.select(ex.select_token, [state], [token_table], api_visibility="private")
-        image.select(ex.select_patch, [state], [patch_info, patch_table], api_visibility="private")
+        image.select(ex.select_patch, [state], [state, patch_info, patch_table], api_visibility="private")
         rename.click(ex.rename, [state, concept_id, label_box], [label_status, concepts], api_name="rename")
         query.submit(ex.search, [state, query, meaning], [results], api_name="search")
         query.change(ex.search, [state, query, meaning], [results], api_visibility="private",

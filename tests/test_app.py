@@ -157,10 +157,22 @@ def test_token_and_patch_clicks_list_concepts(explorer, tmp_path, scene):
     rows = explorer.token_concepts(s, 0)["data"]
     pos = s.cot_positions[0]
     assert [r[0] for r in rows] == [f for f, _ in concepts_at(s.trace, pos, 16)]
-    text, table = explorer.patch_concepts(s, 1500, 20)  # uploaded-image pixels: the top-right patch
+    with pytest.raises(gr.Error, match="Click the image first"):
+        explorer.toggle(s, s.concepts[0].concept, "switch off", 0.0, "clicked patch")
+    s, text, table = explorer.patch_concepts(s, 1500, 20)  # uploaded-image pixels: the top-right patch
     grid = explorer.model.config.vision.token_grid
     assert f"Patch (0, {grid - 1})" in text and table["data"]
-    assert "outside" in explorer.patch_concepts(s, 5000, 20)[0]
+    assert "outside" in explorer.patch_concepts(s, 5000, 20)[1]
+    # An edit at the clicked patch touches that one visual token only.
+    from segcompass.edits import edit_token_mask
+
+    f = table["data"][0][0]
+    s, *_ = explorer.toggle(s, f, "switch off", 0.0, "clicked patch")
+    (edit,) = s.edits
+    assert edit.region is not None and edit.scope == "visual"
+    selected = edit_token_mask(edit, s.trace.roles, s.trace.patch_boxes).nonzero().flatten().tolist()
+    assert len(selected) == 1 and concepts_at(s.trace, selected[0], 16)[0][0] == f
+    assert dict((r[0], r[-1]) for r in explorer.concept_table(s)["data"]).get(f, "off (patch)") == "off (patch)"
     with pytest.raises(gr.Error):
         explorer.token_concepts(s, 10_000)
 
