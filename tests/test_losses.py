@@ -39,11 +39,30 @@ def test_seg_losses_match_slots_and_set_confidence_targets():
     assert float(wrong_conf.confidence) > 1.0
 
 
-def test_seg_losses_with_no_target_only_train_confidence_down():
+def test_seg_losses_with_no_target_push_confidence_and_final_mask_down():
     heat = torch.randn(1, 3, 4, 4, requires_grad=True)
     mask = torch.randn(1, 3, 8, 8, requires_grad=True)
     conf = torch.zeros(1, 3, requires_grad=True)
     out = seg_losses(heat, mask, conf, [torch.zeros(0, 4, 4)], [torch.zeros(0, 8, 8)])
-    assert float(out.seg) == 0.0 and out.matches == [[]]
+    assert out.matches == [[]] and float(out.heatmap_bce) == 0.0 and float(out.mask_dice) == 0.0
+    assert float(out.union) > 0.0  # the final mask should be empty and is not
+    assert heat.grad is None or float(heat.grad.abs().sum()) == 0.0
     (out.seg + out.confidence).backward()
     assert bool((conf.grad > 0).all())  # pushes every slot's confidence down
+    assert bool((mask.grad >= 0).all()) and float(mask.grad.sum()) > 0  # and every mask towards empty
+    assert float(seg_losses(heat, mask, conf, [torch.zeros(0, 4, 4)], [torch.zeros(0, 8, 8)], c_union=0.0).seg) == 0.0
+
+
+def test_final_mask_loss_scores_the_union_of_confident_slots():
+    from training.losses import final_mask_loss, soft_final_mask
+
+    t = torch.zeros(1, 8, 8); t[0, :4] = 1
+    good = _logits(t[0])
+    empty = _logits(torch.zeros(8, 8))
+    wrong = _logits(1 - t[0])
+    masks = torch.stack([good, wrong])[None]  # slot 0 right, slot 1 wrong
+    right_conf, wrong_conf = torch.tensor([[6.0, -6.0]]), torch.tensor([[-6.0, 6.0]])
+    assert float(final_mask_loss(masks, right_conf, [t])) < 0.1
+    assert float(final_mask_loss(masks, wrong_conf, [t])) > 1.0
+    # An unconfident slot adds (almost) nothing to the soft final mask.
+    assert torch.allclose(soft_final_mask(torch.stack([good, empty])[None], right_conf), torch.sigmoid(good)[None] * torch.sigmoid(torch.tensor(6.0)), atol=1e-2)

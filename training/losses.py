@@ -5,6 +5,12 @@ frame). Targets are soft (area-downsampled) masks in [0, 1]; a weight map exclud
 
     seg  = BCE(heatmap) + c_dice * (Dice(mask) + Dice(heatmap)) + c_focal * focal(mask)   # matched slots
     conf = BCE(confidence, 1 for matched slots, 0 for the others)
+    seg += c_union * (BCE + Dice)(final, union of targets)                                  # every example
+
+The last term supervises what inference outputs: the final mask is the union of the confident
+slots, here in soft form final = 1 - prod_k (1 - sigmoid(conf_k) * sigmoid(mask_k)). Without it the
+matched-slot losses leave unmatched slots' masks and the confidence ranking unconstrained, and the
+union of confident slots scored far below the best slot (val, teacher-forced: 0.41 vs 0.77 IoU).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class SegLosses:
     heatmap_dice: torch.Tensor
     mask_focal: torch.Tensor
     mask_bce: torch.Tensor
+    union: torch.Tensor  # scalar: BCE + Dice of the soft final mask vs the union of targets
     matches: list[list[tuple[int, int]]]  # per example, (slot, target) pairs
 
 
@@ -89,6 +96,7 @@ def seg_losses(
     c_focal: float = 0.0,
     c_mask_bce: float = 0.0,
     weights_mask: list[torch.Tensor | None] | None = None,
+    c_union: float = 1.0,
 ) -> SegLosses:
     """Per example b: targets_heat[b] [N_b, h, w], targets_mask[b] [N_b, H, W] (N_b may be 0).
 
@@ -130,5 +138,33 @@ def seg_losses(
             parts[key].append(value)
         parts["seg"].append(seg)
     mean = {k: (torch.stack(v).mean() if v else zero) for k, v in parts.items()}
+    union = final_mask_loss(mask_BKHW, conf_BK, targets_mask, weights_mask)
+    mean["seg"] = mean["seg"] + c_union * union
     confidence = F.binary_cross_entropy_with_logits(conf_BK.float(), conf_target.float())
-    return SegLosses(confidence=confidence, matches=matches, **mean)
+    return SegLosses(confidence=confidence, matches=matches, union=union, **mean)
+
+
+def soft_final_mask(mask_BKHW: torch.Tensor, conf_BK: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] probability that a pixel is in the union of the confident slots' masks."""
+    keep = torch.sigmoid(conf_BK.float())[..., None, None] * torch.sigmoid(mask_BKHW.float())
+    return 1.0 - torch.prod(1.0 - keep, dim=1)
+
+
+def final_mask_loss(mask_BKHW, conf_BK, targets_mask: list[torch.Tensor], weights_mask=None) -> torch.Tensor:
+    """Mean over examples of BCE + Dice between the soft final mask and the union of the targets.
+
+    An example without targets (N = 0) has an empty union: the loss pushes its final mask to empty.
+    """
+    final = soft_final_mask(mask_BKHW, conf_BK).clamp(1e-6, 1 - 1e-6)
+    losses = []
+    for b in range(final.shape[0]):
+        tm = targets_mask[b].to(final.dtype)
+        target = tm.amax(0) if tm.shape[0] else torch.zeros_like(final[b])
+        w = None if weights_mask is None or weights_mask[b] is None else weights_mask[b].to(final.dtype)
+        p, t = final[b].flatten(), target.flatten()
+        wf = torch.ones_like(p) if w is None else w.flatten()
+        bce_b = (F.binary_cross_entropy(p, t, reduction="none") * wf).sum() / wf.sum().clamp_min(1.0)
+        inter = (p * t * wf).sum()
+        dice_b = 1.0 - (2 * inter + 1.0) / ((p * wf).sum() + (t * wf).sum() + 1.0)
+        losses.append(bce_b + dice_b)
+    return torch.stack(losses).mean()
