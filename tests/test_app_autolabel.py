@@ -33,7 +33,7 @@ def test_label_concepts_picks_the_property_the_activation_predicts():
     labels = {f: (label, score, stats) for f, label, score, stats in
               label_concepts(Scan(rows, cols, vals, 10, props, 4), min_active=3)}
     assert labels[0][0] == "image: red object" and labels[0][1] == pytest.approx(1.0)
-    assert labels[0][2]["auroc"] == pytest.approx(1.0) and labels[0][2]["precision"] == 1.0
+    assert labels[0][2]["precision_at_k"] == 1.0 and labels[0][2]["precision"] == 1.0
     assert labels[1][0] == "image: any patch" and labels[1][1] < 1.0  # the broadest property, not perfect
     assert 2 not in labels  # active on fewer than min_active tokens
 
@@ -51,7 +51,7 @@ def test_autolabel_command_stores_labels_with_provenance(app_checkpoint, tmp_pat
     assert labels
     lab = next(iter(labels.values()))
     assert lab.auto_label and 0.0 <= lab.auto_score <= 1.0 and lab.human_label is None
-    assert lab.provenance["examples"] == 6 and lab.provenance["metric"] == "f1" and "auroc" in lab.provenance
+    assert lab.provenance["examples"] == 6 and lab.provenance["metric"] == "f1" and "precision_at_k" in lab.provenance
     assert store.search(checkpoint_fingerprint(app_checkpoint), lab.auto_label.split()[-1].strip('"'))
     # A human label survives a new automatic run.
     store.rename(checkpoint_fingerprint(app_checkpoint), lab.concept, "kept by hand")
