@@ -13,7 +13,7 @@ import numpy as np
 from segcompass.records import Prediction
 
 SLOT_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-MASK_COLOUR = "#ffe119"
+MASK_COLOUR = "#00e5ff"  # cyan: no ShapeWorld object has this colour
 HEAT_FLOOR = 0.15  # heatmap probabilities below this are drawn transparent
 HEAT_OPACITY = 0.6
 MASK_OPACITY = 0.45
