@@ -31,11 +31,26 @@ def serve(explorer):  # noqa: F811
     return demo, f"http://127.0.0.1:{port}/"
 
 
+CONNECTIONS: list = []  # every address a socket of this process connected to while the app ran
+
+
 @pytest.fixture(scope="module")
 def served(explorer):  # noqa: F811
-    demo, url = serve(explorer)
-    yield url
-    demo.close()
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def recording_connect(sock, address):
+        CONNECTIONS.append(address)
+        return real_connect(sock, address)
+
+    socket.socket.connect = recording_connect
+    try:
+        demo, url = serve(explorer)
+        yield url
+        demo.close()
+    finally:
+        socket.socket.connect = real_connect
 
 
 @pytest.fixture
@@ -117,3 +132,11 @@ def test_api_errors_are_clear_and_sessions_are_separate(served, explorer, tmp_pa
         ra, rb = json.loads(za.read("record.json")), json.loads(zb.read("record.json"))
     assert (ra["instruction"], len(ra["edits"])) == ("every diamond", 1)
     assert (rb["instruction"], rb["edits"]) == ("the medium star", [])
+
+
+def test_server_side_never_connects_outside_loopback(served, client, explorer):  # noqa: F811
+    """Analytics off, offline hub: the app process itself only talks to 127.0.0.1 (after runs above)."""
+    run(client, explorer.examples[0])
+    inet = [a for a in CONNECTIONS if isinstance(a, tuple)]
+    assert inet, "no connection recorded at all: the guard is not working"
+    assert all(a[0] in ("127.0.0.1", "::1", "localhost") for a in inet), inet
