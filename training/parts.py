@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from segcompass.checkpoint import freeze_external
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,9 @@ def set_trainable(model, stage: str) -> None:
             _set(model.slot_mapper, True)
     elif stage != "sft":
         raise ValueError(f"unknown stage {stage}")
+    # Pretrained base weights (smol, full scale) load from their packages and are never saved:
+    # training them would be lost at the next load.
+    freeze_external(model)
 
 
 def freeze_unused(model, loss: torch.Tensor) -> list[str]:
@@ -52,8 +57,9 @@ def freeze_unused(model, loss: torch.Tensor) -> list[str]:
     sliced away and so get exactly zero gradient); returns their names."""
     model.zero_grad(set_to_none=True)
     loss.backward()
+    # LoRA's A matrices get an exactly-zero gradient at the start (B is initialised to 0): exempt.
     unused = [n for n, p in model.named_parameters()
-              if p.requires_grad and (p.grad is None or not bool(p.grad.any()))]
+              if p.requires_grad and "lora_A" not in n and (p.grad is None or not bool(p.grad.any()))]
     for n, p in model.named_parameters():
         if n in unused:
             p.requires_grad_(False)
