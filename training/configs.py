@@ -32,6 +32,8 @@ class SFTConfig:
     lm_weight: float = 1.0
     seg_weight: float = 1.0
     conf_weight: float = 0.5
+    aux_weight: float = 0.0  # > 0: auxiliary perception loss (colour/shape/size of the object under each visual
+    # token, from ShapeWorld's `objects`) on the vision encoder's tokens; a training-only linear head
     c_dice: float = 1.0
     c_focal: float = 0.0
     c_mask_bce: float = 1.0

@@ -36,6 +36,8 @@ class Example:
     target_mask: torch.Tensor  # [N, 4h, 4w] float16 soft targets in the padded frame
     target_heat: torch.Tensor  # [N, h, w] float16
     boxes: str  # "box : x0 y0 x1 y1 ..." words for the box_text baseline ("" when no target)
+    token_labels: torch.Tensor | None = None  # [Nv, 3] long (colour, shape, size) of the object under each
+    # visual token, -100 where none (ShapeWorld only: the auxiliary perception loss of the tiny SFT)
 
 
 @dataclass
@@ -88,6 +90,39 @@ def _prepare_pixels(image: np.ndarray, S: int) -> tuple[np.ndarray, tuple[int, i
     return out, (nh, nw)
 
 
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
+SHAPES = ("circle", "triangle", "square", "diamond", "hexagon", "star")
+SIZES = ("small", "medium", "large")
+
+
+def token_labels(sample, valid_hw: tuple[int, int], S: int, grid: int) -> torch.Tensor | None:
+    """(colour, shape, size) class of the object covering each visual token's patch, [grid*grid, 3];
+    a patch is labelled with the object of largest overlap when it covers >= 20% of the patch or
+    >= 40% of the object; -100 elsewhere. None without ShapeWorld `objects`."""
+    import skimage.draw
+
+    if not sample.objects:
+        return None
+    H, W = sample.size()
+    labels = torch.full((grid * grid, 3), -100, dtype=torch.long)
+    best = np.zeros((grid, grid), np.float32)
+    for obj in sample.objects:
+        try:
+            cls = (COLOURS.index(obj["color"]), SHAPES.index(obj["shape"]), SIZES.index(obj["size"]))
+        except (KeyError, ValueError):
+            continue
+        pts = np.asarray(obj["points"], dtype=np.float64)
+        m = np.zeros((H, W), np.float32)
+        rr, cc = skimage.draw.polygon(pts[:, 1], pts[:, 0], shape=(H, W))
+        m[rr, cc] = 1
+        frame = _to_frame(m > 0, valid_hw, S, grid)  # share of each patch covered
+        share_of_object = frame / max(frame.sum(), 1e-6)
+        ok = ((frame >= 0.2) | (share_of_object >= 0.4)) & (frame > best)
+        best = np.where(ok, frame, best)
+        labels[torch.from_numpy(ok.flatten())] = torch.tensor(cls)
+    return labels
+
+
 def prepare_example(sample, config: SegCompassConfig) -> Example:
     from segcompass.baselines import box_words
 
@@ -101,7 +136,7 @@ def prepare_example(sample, config: SegCompassConfig) -> Example:
         name=sample.name, pixels=torch.from_numpy(pixels), valid_hw=valid_hw,
         instruction=" ".join(sample.texts[0].split()), cot=sample.cot or fallback_cot(sample), family=sample.family,
         target_mask=torch.from_numpy(masks.astype(np.float16)), target_heat=torch.from_numpy(heats.astype(np.float16)),
-        boxes=boxes,
+        boxes=boxes, token_labels=token_labels(sample, valid_hw, S, config.vision.token_grid),
     )
 
 
@@ -117,7 +152,7 @@ def load_examples(folder: str | Path, split: str | None, config: SegCompassConfi
         samples = samples[:limit]
     key = hashlib.sha1(
         f"{Path(folder).resolve()}|{split}|{len(samples)}|{samples[-1].name if samples else ''}|"
-        f"{config.vision.image_size}|{config.vision.feature_grid}|{config.codebook.num_slots}|v1".encode()
+        f"{config.vision.image_size}|{config.vision.feature_grid}|{config.codebook.num_slots}|v2".encode()
     ).hexdigest()[:16]
     path = CACHE_DIR / f"{key}.pt"
     if cache and path.is_file():

@@ -46,11 +46,31 @@ def completion_ce(logits_BTV: torch.Tensor, packed, device) -> torch.Tensor:
     return (ce * target_mask).sum() / target_mask.sum().clamp_min(1)
 
 
-def sft_loss(model, batch: Batch, cfg: SFTConfig, device) -> tuple[torch.Tensor, dict]:
-    out, packed = teacher_forced(model, batch, device, model.config.head)
+def perception_loss(aux_head, tokens_BND: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """Cross-entropy of colour / shape / size of the object under each visual token (ShapeWorld)."""
+    from .examples import COLOURS, SHAPES, SIZES
+
+    if any(e.token_labels is None for e in batch.examples):
+        return None
+    labels = torch.stack([e.token_labels for e in batch.examples]).to(tokens_BND.device)  # [B, Nv, 3]
+    logits = aux_head(tokens_BND)  # [B, Nv, 16]
+    splits = logits.split([len(COLOURS), len(SHAPES), len(SIZES)], dim=-1)
+    losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1), ignore_index=-100)
+              for i, lg in enumerate(splits) if bool((labels[..., i] >= 0).any())]
+    return torch.stack(losses).mean() if losses else None
+
+
+def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tuple[torch.Tensor, dict]:
+    vision_out = model.vision(batch.pixels.to(device))
+    out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
     ce = completion_ce(out.lm_logits, packed, device)
     loss = cfg.lm_weight * ce
     stats = {"ce": float(ce)}
+    if aux_head is not None:
+        aux = perception_loss(aux_head, vision_out[0], batch)
+        if aux is not None:
+            loss = loss + cfg.aux_weight * aux
+            stats["aux"] = float(aux)
     if cfg.mask_loss:
         seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
                          [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
@@ -88,7 +108,15 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
     probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"))
     freeze_unused(model, probe)
-    optimizer = torch.optim.AdamW(param_groups(model, "sft", cfg.lr, weight_decay=cfg.weight_decay))
+    groups = param_groups(model, "sft", cfg.lr, weight_decay=cfg.weight_decay)
+    aux_head = None
+    if cfg.aux_weight > 0:  # training-only head (not part of the checkpoint; a resumed run starts it afresh)
+        from .examples import COLOURS, SHAPES, SIZES
+
+        aux_head = torch.nn.Linear(model.vision.token_dim, len(COLOURS) + len(SHAPES) + len(SIZES))
+        groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
+                       "name": "aux"})
+    optimizer = torch.optim.AdamW(groups)
     step, clock = 0, Clock(cfg.steps, cfg.minutes)
     if state is not None:
         try:
@@ -105,7 +133,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     while not clock.done(step):
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         batch = collate([examples[i] for i in batches.at(step)])
-        loss, stats = sft_loss(inner, batch, cfg, accelerator.device)
+        loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
