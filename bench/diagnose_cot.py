@@ -1,0 +1,66 @@
+"""How much of the error is reasoning, how much grounding? Scores a checkpoint two ways on a split:
+
+- generated: encode + decode as a user runs it (the model's own chain of thought);
+- teacher-forced: the same heads fed the data set's reference chain of thought (an upper bound
+  for the mask path given perfect reasoning),
+plus the exact-match accuracy of the answer the generated CoT names ("answer : …").
+
+    python -m bench.diagnose_cot --checkpoint assets/checkpoints/tiny --data data/shapeworld --split val --limit 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+
+def _answer(cot: str) -> str:
+    return cot.split("answer :")[-1].strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="assets/checkpoints/tiny")
+    parser.add_argument("--data", default="data/shapeworld")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+
+    from segcompass.metrics import iou
+    from segcompass.model import SegCompass
+    from training.data.loaders import load_reasonseg
+
+    model = SegCompass.from_pretrained(args.checkpoint)
+    lang = model.language
+    samples = [s for s in load_reasonseg(args.data, split=args.split) if s.cot][: args.limit]
+    rows = defaultdict(list)
+    for s in samples:
+        image, gt = s.load_image(), s.gt_mask()
+        trace = model.encode(image, s.texts[0])
+        generated = iou(model.decode(trace).mask, gt)
+        prep = model.prepare(image)
+        batch = lang.pack([lang.build_prompt(s.texts[0], model.num_visual)], [lang.encode_completion(s.cot)[:-1]])
+        with torch.no_grad():
+            out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                        batch.prompt_lengths)
+        forced = iou(model.postprocess(out.heatmap_logits[0], out.confidence_logits[0], out.mask_logits[0],
+                                       prep.valid_hw, prep.original_size).mask, gt)
+        row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced)
+        rows["all"].append(row)
+        rows[s.family or "?"].append(row)
+    report = {fam: {"count": len(r), "answer_exact_match": round(float(np.mean([x[0] for x in r])), 3),
+                    "gIoU_generated": round(float(np.mean([x[1] for x in r])), 3),
+                    "gIoU_teacher_forced": round(float(np.mean([x[2] for x in r])), 3)} for fam, r in rows.items()}
+    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
