@@ -104,6 +104,20 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
 
 
+def resume_state(state: dict | None, optimizer: torch.optim.Optimizer, clock: Clock, stage: str) -> int:
+    """Restore optimizer, clock and RNG from a trainer state; returns the step to continue from."""
+    if state is None:
+        return 0
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # the trainable set changed since the state was saved
+        log.warning("optimizer state not restored (%s); continuing with a fresh optimizer", err)
+    clock.elapsed = state["elapsed"]
+    restore_rng(state)
+    log.info("resuming the %s stage from step %d", stage, state["step"])
+    return state["step"]
+
+
 class Batches:
     """Endless shuffled mini-batches of indices (epoch by epoch), reproducible from (seed, step)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, restore_rng, save_state, seed_everything,
+from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
                      set_lr, setup_run)
 from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
@@ -125,15 +125,8 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     probe = _seg(out, probe_batch.target_heat, probe_batch.target_mask, cfg, device)
     freeze_unused(model, probe.seg + probe.confidence + completion_ce(out.lm_logits, packed, device))
     optimizer = torch.optim.AdamW(param_groups(model, "joint", cfg.lr, cfg, weight_decay=0.0))
-    step, clock = 0, Clock(cfg.steps, cfg.minutes)
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # the trainable set changed since the state was saved
-            log.warning("optimizer state not restored (%s); continuing with a fresh optimizer", err)
-        step, clock.elapsed = state["step"], state["elapsed"]
-        restore_rng(state)
-        log.info("resuming joint stage from step %d", step)
+    clock = Clock(cfg.steps, cfg.minutes)
+    step = resume_state(state, optimizer, clock, "joint")
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step)

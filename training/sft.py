@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, restore_rng, save_state, seed_everything,
+from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
                      set_lr, setup_run)
 from .configs import SFTConfig, save_config
 from .examples import Batch, collate, completion_cot, corpus, load_examples
@@ -117,14 +117,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
     optimizer = torch.optim.AdamW(groups)
-    step, clock = 0, Clock(cfg.steps, cfg.minutes)
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # the trainable set changed since the state was saved
-            log.warning("optimizer state not restored (%s); continuing with a fresh optimizer", err)
-        step, clock.elapsed = state["step"], state["elapsed"]
-        restore_rng(state)
+    clock = Clock(cfg.steps, cfg.minutes)
+    step = resume_state(state, optimizer, clock, "sft")
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     log.info("SFT: %d examples, %d trainable parameters, head %s", len(examples),
