@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from .config import CodebookConfig, LMConfig, MaskConfig, SAEConfig, SegCompassConfig, VisionConfig
 
+# The paper's SAE, codebook and mask-path numbers, shared by every full-scale preset.
+PAPER_SAE = SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0)
+PAPER_CODEBOOK = CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048)
+PAPER_MASK = MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048)
+
 PRESETS: dict[str, SegCompassConfig] = {
     # Tests, CI and the first shipped checkpoint: trains in minutes on 2 CPU cores.
     "tiny": SegCompassConfig(preset="tiny"),
@@ -26,9 +31,7 @@ PRESETS: dict[str, SegCompassConfig] = {
         vision=VisionConfig(kind="hf", image_size=1024, token_grid=30, feature_grid=64, frozen=True),
         lm=LMConfig(kind="hf", hidden_size=3584, num_layers=28, num_heads=28, intermediate_size=18944,
                     max_positions=128000, hook_layer=13, max_new_tokens=256),
-        sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
-        codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
-        mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),
+        sae=PAPER_SAE, codebook=PAPER_CODEBOOK, mask=PAPER_MASK,
     ),
     # LLaVA-1.5: CLIP ViT-L/14 at 336 px -> 24 x 24 = 576 visual tokens.
     "llava-1.5-7b": SegCompassConfig(
@@ -36,18 +39,14 @@ PRESETS: dict[str, SegCompassConfig] = {
         vision=VisionConfig(kind="hf", image_size=1024, token_grid=24, feature_grid=64, frozen=True),
         lm=LMConfig(kind="hf", hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008,
                     max_positions=4096, hook_layer=16, max_new_tokens=256),
-        sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
-        codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
-        mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),
+        sae=PAPER_SAE, codebook=PAPER_CODEBOOK, mask=PAPER_MASK,
     ),
     "llava-1.5-13b": SegCompassConfig(
         preset="llava-1.5-13b",
         vision=VisionConfig(kind="hf", image_size=1024, token_grid=24, feature_grid=64, frozen=True),
         lm=LMConfig(kind="hf", hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
                     max_positions=4096, hook_layer=16, max_new_tokens=256),
-        sae=SAEConfig(kind="relu", d_sae=65536, l1_coeff=5.0, code_threshold=2.0),
-        codebook=CodebookConfig(num_slots=4, dim=512, num_layers=2, num_heads=8, ffn_dim=2048),
-        mask=MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_heads=8, decoder_mlp_dim=2048),
+        sae=PAPER_SAE, codebook=PAPER_CODEBOOK, mask=PAPER_MASK,
     ),
 }
 
