@@ -194,18 +194,15 @@ class SegCompass(nn.Module):
             lasts.append(last.reshape(-1, last.shape[-1]))
 
         def splice(x_BtD: torch.Tensor) -> torch.Tensor:
-            # States of the positions just fed: the last t of the roles seen so far.
-            t = x_BtD.shape[1]
-            roles = torch.tensor(fed_roles[len(fed_roles) - t:])
-            start = len(fed_roles) - t
+            # x holds the states of the last t positions fed; edits address absolute positions,
+            # so they are applied over the whole sequence so far (earlier positions' codes are 0).
+            start = len(fed_roles) - x_BtD.shape[1]
             z = self.codes_from_states(x_BtD)[0]
-            x_hat = self.sae.decode(z)
-            full_roles = torch.full((len(fed_roles),), int(TokenRole.SPECIAL))
-            full_roles[start:] = roles
             z_full = torch.zeros(len(fed_roles), z.shape[-1])
             z_full[start:] = z
-            z_edit = apply_edits(z_full, full_roles, edits, boxes)[start:]
-            return (self.sae.decode(z_edit) + (x_BtD[0].float() - x_hat)).to(x_BtD.dtype)[None]
+            z_edit = apply_edits(z_full, torch.tensor(fed_roles), edits, boxes)[start:]
+            error = x_BtD[0].float() - self.sae.decode(z)
+            return (self.sae.decode(z_edit) + error).to(x_BtD.dtype)[None]
 
         budget = max_new_tokens or self.config.lm.max_new_tokens
         gen_kwargs = dict(max_new_tokens=budget, temperature=temperature, generator=generator,
