@@ -113,8 +113,11 @@ def test_explorer_in_chromium(browser_page, app_url, explorer, tmp_path):  # noq
     # Clicking a token lists its concepts; clicking the image lists the concepts at that patch.
     page.locator("#cot-tokens .token").nth(2).click()
     page.wait_for_function("document.querySelectorAll('#token-concepts [role=gridcell]').length > 0")
-    box = page.locator("#image-in img").first.bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    # A locator click waits for the image to be visible and stable (the concept table above it may
+    # still be re-laying the page out); raw mouse coordinates taken earlier could miss it.
+    image = page.locator("#image-in img").first
+    box = image.bounding_box()
+    image.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.3})
     page.wait_for_function("document.querySelector('#patch-info').innerText.includes('Patch')")
 
     # Switch the concept off: decode only, the new mask appears beside the old with the change.
