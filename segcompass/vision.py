@@ -72,6 +72,20 @@ def patch_boxes(grid: int, size: int, valid_hw: tuple[int, int], original_size: 
     return torch.stack([x0, y0, x0 + step * sx, y0 + step * sy], dim=-1)
 
 
+def sincos_2d(channels: int, grid: int) -> torch.Tensor:
+    """[channels, grid, grid]: half the channels encode the row, half the column, at geometric frequencies."""
+    quarter = channels // 4
+    freqs = 1.0 / (grid ** (torch.arange(quarter) / max(1, quarter)))  # one cycle over ~grid tokens .. 1 token
+    coords = torch.arange(grid, dtype=torch.float32)
+    angle = coords[:, None] * freqs[None] * (math.pi / 2)  # [grid, quarter]
+    code = torch.cat([angle.sin(), angle.cos()], dim=-1)  # [grid, 2 * quarter]
+    rows = code[:, None, :].expand(grid, grid, -1)
+    cols = code[None, :, :].expand(grid, grid, -1)
+    out = torch.zeros(grid, grid, channels)
+    out[..., : 4 * quarter] = torch.cat([rows, cols], dim=-1)
+    return out.permute(2, 0, 1).contiguous()
+
+
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(8, cout), nn.GELU())
 
@@ -93,8 +107,9 @@ class TinyVisionEncoder(nn.Module):
         self.deep = nn.Sequential(*deep, _conv(w, w, 1))
         self.token_grid, self.feature_grid = cfg.token_grid, cfg.feature_grid
         self.token_dim = w
-        self.pos = nn.Parameter(torch.zeros(1, w, cfg.token_grid, cfg.token_grid))
-        nn.init.normal_(self.pos, std=0.02)
+        # Learned, but started from a 2D sine-cosine code of (row, column) at the scale of the features:
+        # a small random start left the LM unable to tell where a token is (position words ~chance).
+        self.pos = nn.Parameter(sincos_2d(w, cfg.token_grid)[None])
         # Mask-path neck: fine features plus the upsampled deep ones, to Dm channels.
         self.neck = nn.Sequential(nn.Conv2d(64 + w, mask_cfg.dim, 1), nn.GroupNorm(8, mask_cfg.dim), nn.GELU(),
                                   nn.Conv2d(mask_cfg.dim, mask_cfg.dim, 3, 1, 1))

@@ -302,3 +302,38 @@ def test_accelerate_config_files_parse():
     assert ds.distributed_type == "DEEPSPEED"
     ds_json = json.loads((root / "deepspeed_zero2.json").read_text())
     assert ds_json["zero_optimization"]["stage"] == 2 and ds_json["train_micro_batch_size_per_gpu"] >= 1
+
+
+def test_training_cli_runs_every_stage_on_local_weights(folders, tmp_path):
+    """`python -m training sft --model CONFIG --lm-path VLM --sam-path SAM`, then sae and joint from the
+    checkpoints: the same commands accelerate launches, on the tiny random Qwen2.5-VL (LoRA)."""
+    import dataclasses
+
+    from training.__main__ import main
+    from training.data.shapeworld import generate_split
+
+    data = tmp_path / "data"
+    generate_split(data, "train", 4, seed=0)
+    cfg = tiny_config("qwen", folders, 4)
+    cfg = cfg.replace(lm=dataclasses.replace(cfg.lm, path=None), mask=dataclasses.replace(cfg.mask, sam_path=None))
+    cfg.save(tmp_path / "model.json")
+    runs = tmp_path / "runs"
+    common = ["--preset", "smoke", "--data", str(data)]
+    with pytest.raises(ValueError, match="--lm-path"):
+        main(["sft", "--run", str(runs / "bad"), "--model", str(tmp_path / "model.json"), *common])
+    assert main(["sft", "--run", str(runs / "sft"), "--model", str(tmp_path / "model.json"),
+                 "--lm-path", str(folders / "qwen"), "--sam-path", str(folders / "sam"), *common]) == 0
+    assert main(["sae", "--run", str(runs / "sae"), "--init", str(runs / "sft" / "model"), *common]) == 0
+    assert main(["joint", "--run", str(runs / "joint"), "--init", str(runs / "sae" / "model"), *common,
+                 "--set", "grpo_every=2", "--set", "steps=2"]) == 0
+    assert "grpo reward" in (runs / "joint" / "joint.log").read_text()
+    from segcompass.model import SegCompass
+
+    sft_model = SegCompass.from_pretrained(runs / "sft" / "model")
+    joint_model = SegCompass.from_pretrained(runs / "joint" / "model")
+    assert joint_model.config.lm.path == str(folders / "qwen")
+    assert joint_model.config.mask.sam_path == str(folders / "sam")
+    before, after = dict(sft_model.named_parameters()), dict(joint_model.named_parameters())
+    lora_top = [n for n in after if "lora_B" in n and ".layers.1." in n]
+    assert lora_top and any(not torch.equal(before[n], after[n]) for n in lora_top)
+    assert not torch.equal(before["codebook.W_cb.weight"], after["codebook.W_cb.weight"])

@@ -1,6 +1,7 @@
 """python -m training {sft,sae,joint,eval} ...  (thin: heavy imports happen inside each stage)
 
     python -m training sft   --run runs/tiny/sft   [--head segcompass|latent_query|box_text] [--set key=value ...]
+                             [--model smol | qwen2.5-vl-7b --lm-path VLM_DIR --sam-path SAM_DIR | config.json]
     python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
     python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
     python -m training calibrate --checkpoint runs/tiny/joint/model --data DIR --out-checkpoint runs/tiny/final
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         if stage == "sft":
             s.add_argument("--head", default=None, choices=["segcompass", "latent_query", "box_text"])
+            s.add_argument("--model", default=None,
+                           help="model preset (tiny | smol | qwen2.5-vl-7b | llava-1.5-7b | llava-1.5-13b) or config.json")
+            s.add_argument("--lm-path", default=None, help="full scale: local Hugging Face VLM folder")
+            s.add_argument("--sam-path", default=None, help="full scale: local SAM folder (SamModel format)")
         else:
             s.add_argument("--init", required=True, help="checkpoint folder the stage starts from")
     e = sub.add_parser("eval", help="evaluate a checkpoint with encode + decode")
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "sft":
         if args.head:
             overrides["head"] = args.head
+        for key, value in (("preset", args.model), ("lm_path", args.lm_path), ("sam_path", args.sam_path)):
+            if value:
+                overrides[key] = value
         from .sft import run_sft
 
         run_sft(stage_config("sft", args.preset, overrides), args.run, resume=not args.fresh)

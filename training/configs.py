@@ -16,7 +16,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SFTConfig:
-    preset: str = "tiny"  # model preset for a fresh model
+    preset: str = "tiny"  # model for a fresh model: a preset name (segcompass.presets) or a config.json path
+    lm_path: str | None = None  # full scale: local VLM folder (sets lm.path of the model config)
+    sam_path: str | None = None  # full scale: local SAM folder in SamModel format (sets mask.sam_path)
     head: str = "segcompass"  # "segcompass" | "latent_query" | "box_text"
     data: str = "data/shapeworld"
     split: str = "train"
@@ -114,6 +116,29 @@ def stage_config(stage: str, preset: str = "tiny", overrides: dict[str, Any] | N
     if unknown:
         raise ValueError(f"unknown {stage} options: {sorted(unknown)}")
     return cls(**values)
+
+
+def model_config(cfg: SFTConfig):
+    """The SegCompassConfig of a fresh SFT model: preset name or config file, weight folders, head."""
+    import dataclasses as dc
+
+    from segcompass.config import SegCompassConfig
+    from segcompass.presets import PRESETS, get_preset
+
+    if cfg.preset in PRESETS:
+        config = get_preset(cfg.preset)
+    elif Path(cfg.preset).is_file():
+        config = SegCompassConfig.load(cfg.preset)
+    else:
+        raise ValueError(f"model preset '{cfg.preset}' is neither a preset ({sorted(PRESETS)}) nor a config file")
+    if cfg.lm_path:
+        config = config.replace(lm=dc.replace(config.lm, path=str(cfg.lm_path)))
+    if cfg.sam_path:
+        config = config.replace(mask=dc.replace(config.mask, sam_path=str(cfg.sam_path)))
+    if config.lm.kind == "hf" and not (config.lm.path and config.mask.sam_path):
+        raise ValueError(f"model '{cfg.preset}' needs local weights: pass --lm-path (VLM folder) and --sam-path "
+                         "(SAM folder)")
+    return config.replace(head=cfg.head)
 
 
 def save_config(cfg, path: str | Path) -> None:

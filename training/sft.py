@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
                      set_lr, setup_run)
-from .configs import SFTConfig, save_config
+from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, completion_cot, corpus, load_examples
 from .losses import seg_losses
 from .parts import freeze_unused, param_groups, set_trainable
@@ -65,7 +65,7 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tupl
     out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
     ce = completion_ce(out.lm_logits, packed, device)
     loss = cfg.lm_weight * ce
-    stats = {"ce": float(ce)}
+    stats = {"ce": float(ce.detach())}
     if aux_head is not None:
         aux = perception_loss(aux_head, vision_out[0], batch)
         if aux is not None:
@@ -87,14 +87,13 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
 
     from segcompass.build import build_model
     from segcompass.model import SegCompass
-    from segcompass.presets import get_preset
     from segcompass.tokenizer import build_word_tokenizer
 
     run = setup_run(run_dir, "sft")
     save_config(cfg, run / "sft_config.json")
     seed_everything(cfg.seed)
     accelerator = Accelerator()
-    model_cfg = get_preset(cfg.preset).replace(head=cfg.head)
+    model_cfg = model_config(cfg)
     if examples is None:
         examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
     state = load_state(run) if resume else None
