@@ -19,6 +19,7 @@ from torch import nn
 
 from .backbones.efficientnet_lite import FEATURE_TAPS, HEAD_CHANNELS, PIXEL_MEAN, PIXEL_STD, load_efficientnet_lite0
 from .config import MaskConfig, VisionConfig
+from .vision import sincos_2d
 
 NECK_INPUTS = ("stride8", "stride16", "stride32")
 
@@ -35,8 +36,7 @@ class EfficientNetVisionEncoder(nn.Module):
         self.backbone.requires_grad_(False)
         self.token_grid, self.feature_grid = cfg.token_grid, cfg.feature_grid
         self.token_dim = HEAD_CHANNELS
-        self.pos = nn.Parameter(torch.zeros(1, HEAD_CHANNELS, cfg.token_grid, cfg.token_grid))
-        nn.init.normal_(self.pos, std=0.02)
+        self.pos = nn.Parameter(sincos_2d(HEAD_CHANNELS, cfg.token_grid)[None])  # learned; see vision.sincos_2d
         c_in = sum(FEATURE_TAPS[name][1] for name in NECK_INPUTS)  # 40 + 112 + 320 = 472
         d = mask_cfg.dim
         self.neck = nn.Sequential(

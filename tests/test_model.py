@@ -161,3 +161,24 @@ def test_predict_cli_writes_mask_and_json(tiny_model, scene, tmp_path):
     assert record["instruction"] == "the red circle" and len(record["slot_confidences"]) == 4
     assert main(["--checkpoint", str(tmp_path / "nope"), "--image", str(tmp_path / "img.png"),
                  "--instruction", "x", "--out", str(tmp_path / "n.png")]) == 2
+
+
+def test_encode_batch_matches_encode_one_at_a_time(scene):
+    """Batched greedy generation (evaluation) gives each example the trace `encode` gives it alone,
+    with prompts of different lengths (left padding) and images of different sizes."""
+    from segcompass.model import SegCompass
+
+    model = SegCompass.from_pretrained("assets/checkpoints/tiny")
+    images = [scene, scene[:120, :200], np.flipud(scene).copy()]
+    texts = ["the red circle", "segment the shape nearest the large blue square please", "find the blue square"]
+    batch = model.encode_batch(images, texts)
+    for image, text, got in zip(images, texts, batch):
+        want = model.encode(image, text)
+        assert got.cot == want.cot and torch.equal(got.token_ids, want.token_ids)
+        assert torch.equal(got.roles, want.roles) and got.ref_found == want.ref_found
+        torch.testing.assert_close(got.dense_codes(), want.dense_codes(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.ref_state, want.ref_state, atol=1e-4, rtol=1e-4)
+        a, b = model.decode(got), model.decode(want)
+        assert (a.mask != b.mask).mean() < 1e-3
+    with pytest.raises(ValueError, match="2 images but 1"):
+        model.encode_batch([scene, scene], ["x"])

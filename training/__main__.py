@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the JSON here")
     e.add_argument("--save-masks", default=None, help="write each predicted mask as NAME.png here")
     e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=16, help="examples generated together (greedy, batched)")
     c = sub.add_parser("calibrate", help="pick the slot confidence threshold on a held-out split")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--data", required=True)
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--out-checkpoint", required=True, help="where the calibrated checkpoint is written")
     c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=16, help="examples generated together (greedy, batched)")
     return p
 
 

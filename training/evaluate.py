@@ -21,8 +21,27 @@ def resolve_split(data: str | Path, split: str | None) -> tuple[Path, str | None
     return root, split or "test"
 
 
+def predictions(model, samples, batch_size: int = 16):
+    """Yield (sample, Prediction or None) in order: encode in batches (`encode_batch`), decode each.
+    A batch that fails is redone one example at a time, so one bad example fails alone (None)."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        try:
+            traces = model.encode_batch([s.load_image() for s in chunk], [s.texts[0] for s in chunk])
+            preds = [model.decode(t) for t in traces]
+        except (ValueError, RuntimeError):
+            preds = []
+            for sample in chunk:
+                try:
+                    preds.append(model.decode(model.encode(sample.load_image(), sample.texts[0])))
+                except (ValueError, RuntimeError) as err:  # a failed prediction scores as an empty mask
+                    log.warning("%s: prediction failed: %s", sample.name, err)
+                    preds.append(None)
+        yield from zip(chunk, preds)
+
+
 def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, limit: int | None = None,
-             save_masks: str | Path | None = None, model=None) -> dict:
+             save_masks: str | Path | None = None, model=None, batch_size: int = 16) -> dict:
     from PIL import Image
     from tqdm import tqdm
 
@@ -41,14 +60,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     board = Scoreboard()
     failures = 0
     start = time.perf_counter()
-    for sample in tqdm(samples, desc="eval", unit="ex"):
+    for sample, prediction in tqdm(predictions(model, samples, batch_size), total=len(samples), desc="eval",
+                                   unit="ex"):
         gt = sample.gt_mask()
-        try:
-            trace = model.encode(sample.load_image(), sample.texts[0])
-            pred = model.decode(trace).mask
-        except (ValueError, RuntimeError) as err:  # a failed prediction scores as an empty mask
-            log.warning("%s: prediction failed: %s", sample.name, err)
-            pred, failures = None, failures + 1
+        pred = None if prediction is None else prediction.mask
+        failures += prediction is None
         board.add(pred, gt, sample.family)
         if save_masks:
             out = np.zeros(gt.shape, np.uint8) if pred is None else pred.astype(np.uint8) * 255
@@ -63,7 +79,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
 
 def run_eval(args) -> int:
-    result = evaluate(args.checkpoint, args.data, args.split, args.limit, args.save_masks)
+    result = evaluate(args.checkpoint, args.data, args.split, args.limit, args.save_masks,
+                      batch_size=args.batch_size)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -73,7 +90,7 @@ def run_eval(args) -> int:
 
 
 def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limit: int | None = None,
-              out_checkpoint: str | Path | None = None, thresholds=None) -> dict:
+              out_checkpoint: str | Path | None = None, thresholds=None, batch_size: int = 16) -> dict:
     """Pick the slot confidence threshold (the one global decision rule of `decode`) on a held-out
     split: encode + decode each example once, then score the union of the slots whose confidence
     passes each candidate threshold. Writes the checkpoint with the best threshold to out_checkpoint."""
@@ -90,9 +107,13 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
     samples = load_reasonseg(folder, split)[:limit]
     thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
     boards = {t: Scoreboard() for t in thresholds}
-    for sample in tqdm(samples, desc=f"calibrate on {split}", unit="ex"):
+    for sample, pred in tqdm(predictions(model, samples, batch_size), total=len(samples),
+                             desc=f"calibrate on {split}", unit="ex"):
         gt = sample.gt_mask()
-        pred = model.decode(model.encode(sample.load_image(), sample.texts[0]))
+        if pred is None:
+            for t in thresholds:
+                boards[t].add(None, gt, sample.family)
+            continue
         for t in thresholds:
             mask = np.zeros(gt.shape, bool)
             for k in np.nonzero(pred.confidences.numpy() > t)[0]:
@@ -112,6 +133,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
 
 
 def run_calibrate(args) -> int:
-    result = calibrate(args.checkpoint, args.data, args.split, args.limit, args.out_checkpoint)
+    result = calibrate(args.checkpoint, args.data, args.split, args.limit, args.out_checkpoint,
+                       batch_size=args.batch_size)
     print(json.dumps(result, indent=2))
     return 0
