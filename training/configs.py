@@ -40,6 +40,7 @@ class SFTConfig:
     c_focal: float = 0.0
     c_mask_bce: float = 1.0
     save_every: int = 200
+    mixed_precision: str = "no"  # accelerate's: "no" | "bf16" (CPU autocast too) | "fp16" (GPU)
     seed: int = 0
 
 
@@ -90,6 +91,7 @@ class JointConfig:
     grad_clip: float = 1.0
     max_reasoning_words: int = 64
     save_every: int = 100
+    mixed_precision: str = "no"  # accelerate's: "no" | "bf16" | "fp16"
     seed: int = 0
 
 
@@ -98,6 +100,14 @@ STAGE_CONFIGS = {"sft": SFTConfig, "sae": SAEStageConfig, "joint": JointConfig}
 # Named stage presets (the shipped tiny checkpoint is trained with these).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    # The smol model (SmolLM2-135M + LoRA, frozen EfficientNet-Lite0) on 2 CPU cores: bf16 autocast,
+    # a LoRA-sized learning rate, small batches, frequent checkpoints (runs take hours; they resume).
+    "smol": {
+        "sft": dict(preset="smol", lr=5e-4, batch_size=8, steps=4000, minutes=90.0, warmup_steps=30,
+                    save_every=25, conf_weight=1.0, mixed_precision="bf16"),
+        "sae": dict(limit=1000, compare=False, minutes=2.0),
+        "joint": dict(steps=1000, minutes=30.0, batch_size=8, save_every=25, mixed_precision="bf16"),
+    },
     "smoke": {  # seconds: tests and quick checks
         "sft": dict(steps=3, batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),
         "sae": dict(limit=8, steps=20, batch_size=256, minutes=1.0),

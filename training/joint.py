@@ -107,7 +107,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     run = setup_run(run_dir, "joint")
     save_config(cfg, run / "joint_config.json")
     seed_everything(cfg.seed)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     state = load_state(run) if resume else None
     model = SegCompass.from_pretrained(run / MODEL_DIR if state is not None else init).to(device)
@@ -137,13 +137,14 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     while not clock.done(step):
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         is_grpo = cfg.grpo_every > 0 and step % cfg.grpo_every == cfg.grpo_every - 1
-        if is_grpo:
-            batch = collate([examples[i] for i in prompts.at(n_grpo + step)])
-            loss, stats = rollout_step(inner, ref_model, batch, cfg, device, generator)
-            n_grpo += 1
-        else:
-            batch = collate([examples[i] for i in batches.at(step)])
-            loss, stats = supervised_step(inner, batch, cfg, device)
+        with accelerator.autocast():  # a no-op unless mixed_precision is set
+            if is_grpo:
+                batch = collate([examples[i] for i in prompts.at(n_grpo + step)])
+                loss, stats = rollout_step(inner, ref_model, batch, cfg, device, generator)
+                n_grpo += 1
+            else:
+                batch = collate([examples[i] for i in batches.at(step)])
+                loss, stats = supervised_step(inner, batch, cfg, device)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip)

@@ -92,7 +92,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     run = setup_run(run_dir, "sft")
     save_config(cfg, run / "sft_config.json")
     seed_everything(cfg.seed)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     model_cfg = model_config(cfg)
     if examples is None:
         examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
@@ -126,7 +126,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     while not clock.done(step):
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         batch = collate([examples[i] for i in batches.at(step)])
-        loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head)
+        with accelerator.autocast():  # a no-op unless mixed_precision is set
+            loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(inner.parameters(), cfg.grad_clip)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Train the tiny preset through every stage for one head, then evaluate on the test split.
-#   scripts/train_tiny.sh [segcompass|latent_query|box_text] [RUN_ROOT]
+# Train a model through every stage for one head, then calibrate on val and evaluate on the test split.
+#   scripts/train.sh [segcompass|latent_query|box_text] [RUN_ROOT]
+# MODEL=tiny|smol picks the model and its stage preset (training/configs.py PRESETS; default tiny).
 # Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
+# Every stage resumes from its run folder: rerun the same command after an interruption.
 set -euo pipefail
 HEAD_NAME=${1:-segcompass}
-ROOT=${2:-runs/tiny-$HEAD_NAME}
+MODEL=${MODEL:-tiny}
+ROOT=${2:-runs/$MODEL-$HEAD_NAME}
 DATA=${DATA:-data/shapeworld}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$(dirname "$0")/.."
@@ -16,15 +19,16 @@ fi
 mkdir -p "$ROOT"
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$ROOT/stages.txt"; }
 stamp "start head=$HEAD_NAME"
-python -m training sft --threads "${THREADS:-0}" --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
+STAGE=(--preset "$MODEL" --threads "${THREADS:-0}")
+python -m training sft "${STAGE[@]}" --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
 stamp "sft done"
 INIT="$ROOT/sft/model"
 if [ "$HEAD_NAME" = segcompass ]; then
-  python -m training sae --threads "${THREADS:-0}" --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
+  python -m training sae "${STAGE[@]}" --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
   stamp "sae done"
   INIT="$ROOT/sae/model"
 fi
-python -m training joint --threads "${THREADS:-0}" --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
+python -m training joint "${STAGE[@]}" --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
 stamp "joint done"
 # The one global decision rule of decode (slot confidence threshold) is picked on val, never on test.
 python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$ROOT/joint/model" --data "$DATA" --split val \
