@@ -94,14 +94,15 @@ def encode_jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def generate_split(out_dir: str | Path, split: str, n: int, seed: int) -> Path:
-    """Write examples 0..n-1 of `split` as `out_dir/split/{split}_{i:06d}.jpg|.json`; returns the folder."""
+def generate_split(out_dir: str | Path, split: str, n: int, seed: int, first: int = 0) -> Path:
+    """Write examples first..n-1 of `split` as `out_dir/split/{split}_{i:06d}.jpg|.json`; returns the folder.
+    Example i depends only on (seed, split, i), so ranges written by parallel processes make one split."""
     folder = Path(out_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
     stream = split_seed(seed, split)
     families: collections.Counter[str] = collections.Counter()
     start = time.perf_counter()
-    for i in tqdm(range(n), desc=f"shapeworld {split}", unit="ex"):
+    for i in tqdm(range(first, n), desc=f"shapeworld {split}", unit="ex"):
         image, record = generate_example(stream, i)
         name = f"{split}_{i:06d}"
         (folder / f"{name}.jpg").write_bytes(encode_jpeg(image))
@@ -109,7 +110,7 @@ def generate_split(out_dir: str | Path, split: str, n: int, seed: int) -> Path:
         families[record["family"]] += 1
     elapsed = time.perf_counter() - start
     log.info("wrote %d %s examples to %s in %.1f s (%.1f ex/s); families: %s",
-             n, split, folder, elapsed, n / max(elapsed, 1e-9), dict(sorted(families.items())))
+             n - first, split, folder, elapsed, (n - first) / max(elapsed, 1e-9), dict(sorted(families.items())))
     return folder
 
 
@@ -120,11 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--n", required=True, type=int, help="number of examples")
     parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--start", default=0, type=int, help="first example index (split a long run into ranges)")
     args = parser.parse_args(argv)
-    if args.n < 0:
-        parser.error("--n must be >= 0")
+    if args.n < 0 or not 0 <= args.start <= args.n:
+        parser.error("need 0 <= --start <= --n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    generate_split(args.out, args.split, args.n, args.seed)
+    generate_split(args.out, args.split, args.n, args.seed, first=args.start)
 
 
 if __name__ == "__main__":
