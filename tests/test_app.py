@@ -26,7 +26,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def app_checkpoint(tmp_path_factory):
     """An untrained tiny checkpoint: gibberish CoT, but every code path runs. Its codebook reads the
     concepts 30x louder than at initialisation (as a trained one does), so that switching a concept
-    off visibly moves the mask."""
+    off visibly moves the mask, and every slot joins the mask (untrained confidences sit near 0.47,
+    below the default threshold 0.5, which would leave every mask empty)."""
+    import dataclasses
+
     from segcompass.build import build_model
 
     torch.set_num_threads(1)  # tiny ops: one thread is fastest, and cores are shared
@@ -35,6 +38,7 @@ def app_checkpoint(tmp_path_factory):
     model = build_model("tiny").eval()
     with torch.no_grad():
         model.codebook.W_cb.weight.mul_(30.0)
+    model.config = model.config.replace(mask=dataclasses.replace(model.config.mask, confidence_threshold=0.05))
     model.save_pretrained(folder)
     return folder
 

@@ -45,8 +45,8 @@ WATCH_COT = """() => {
 
 
 def most_mask_changing_concept(explorer, example, rows: int = 8):  # noqa: F811
-    """(row, concept) of the listed concept, among the first `rows` (the table renders only the rows in
-    view), whose switch-off changes the mask most. The app is deterministic (greedy CoT)."""
+    """(row, concept, pixels) of the listed concept, among the first `rows` (the table renders only the
+    rows in view), whose switch-off changes the mask most. The app is deterministic (greedy CoT)."""
     from segcompass.concepts import top_concepts
     from segcompass.records import ConceptEdit
     from segcompass.vision import to_rgb_array
@@ -61,7 +61,7 @@ def most_mask_changing_concept(explorer, example, rows: int = 8):  # noqa: F811
     changes = [int(np.logical_xor(base.mask, explorer.model.decode(trace, [ConceptEdit(c.concept)]).mask).sum())
                for c in listed]
     row = int(np.argmax(changes))
-    return row, listed[row].concept
+    return row, listed[row].concept, changes[row]
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +94,15 @@ def text_of(page, selector: str) -> str:
 
 def test_explorer_in_chromium(browser_page, app_url, explorer, tmp_path):  # noqa: F811
     page = browser_page
-    example = explorer.examples[0]
-    row, concept = most_mask_changing_concept(explorer, example)
+    # The example (among the table rows rendered) whose listed concept moves the mask most.
+    page.wait_for_selector("#examples tbody tr")
+    shown = page.locator("#examples tbody tr").count()
+    picks = [(most_mask_changing_concept(explorer, e), i) for i, e in enumerate(explorer.examples[:shown])]
+    (row, concept, _), index = max(picks, key=lambda p: p[0][2])
+    example = explorer.examples[index]
 
     # Run an example; the CoT streams in unshaded, then every token is shaded by its strongest concept.
-    page.locator("#examples tbody tr").nth(0).click()
+    page.locator("#examples tbody tr").nth(index).click()
     wanted = json.dumps(example["instruction"])
     page.wait_for_function(f"document.querySelector('#instruction textarea').value === {wanted}")
     page.evaluate(WATCH_COT)

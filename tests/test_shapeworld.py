@@ -79,6 +79,11 @@ def test_cli_is_deterministic_and_prefix_stable(tmp_path):
         assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "b" / "train" / name).read_bytes()
     for name in sorted(p.name for p in (tmp_path / "c" / "train").iterdir()):
         assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "c" / "train" / name).read_bytes()
+    # --start writes a range: two ranges make the same split as one run (parallel generation).
+    main(["--out", str(tmp_path / "c"), "--split", "train", "--n", "6", "--seed", "3", "--start", "3"])
+    assert sorted(p.name for p in (tmp_path / "c" / "train").iterdir()) == files_a
+    for name in files_a:
+        assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "c" / "train" / name).read_bytes()
 
 
 def test_splits_with_the_same_seed_are_disjoint():

@@ -81,7 +81,8 @@ class JointConfig:
     c_dice: float = 2.0
     c_focal: float = 5.0
     c_mask_bce: float = 1.0
-    lr: float = 2e-5  # the LM's base learning rate; module scales below multiply it
+    lr: float = 2e-5  # base learning rate; the module scales below multiply it
+    lr_language: float = 1.0  # the LM's trained layers (the paper's ratio for a pretrained LLM is 1)
     lr_codebook: float = 30.0
     lr_slot_mapper: float = 25.0
     lr_prompt_encoder: float = 10.0

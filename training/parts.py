@@ -77,7 +77,7 @@ def param_groups(model, stage: str, base_lr: float, cfg=None, weight_decay: floa
     scales = {
         "codebook": cfg.lr_codebook, "slot_mapper": cfg.lr_slot_mapper,
         "mask_decoder.prompt_encoder": cfg.lr_prompt_encoder, "mask_decoder.mask_decoder": cfg.lr_mask_decoder,
-        "baseline": cfg.lr_baseline,
+        "baseline": cfg.lr_baseline, "language": cfg.lr_language,
     }
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
