@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train a model through every stage for one head, then calibrate on val and evaluate on the test split.
 #   scripts/train.sh [segcompass|latent_query|box_text] [RUN_ROOT]
+# DATA (default data/shapeworld) is generated when missing, N_TRAIN (default 6000) train scenes.
 # MODEL=tiny|smol picks the model and its stage preset (training/configs.py PRESETS; default tiny).
 # Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
 # Every stage resumes from its run folder: rerun the same command after an interruption.
@@ -12,7 +13,7 @@ DATA=${DATA:-data/shapeworld}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$(dirname "$0")/.."
 if [ ! -d "$DATA/test" ]; then
-  python -m training.data.shapeworld --out "$DATA" --split train --n 6000 --seed 0
+  python -m training.data.shapeworld --out "$DATA" --split train --n "${N_TRAIN:-6000}" --seed 0
   python -m training.data.shapeworld --out "$DATA" --split val --n 300 --seed 0
   python -m training.data.shapeworld --out "$DATA" --split test --n 500 --seed 0
 fi
