@@ -50,10 +50,12 @@ class SAEStageConfig:
     split: str = "train"
     limit: int | None = 2000  # examples whose teacher-forced activations are cached
     heldout: float = 0.1  # share of cached examples held out for EV / L0 / dead latents
-    kind: str = "topk"  # the SAE kept: "topk" | "relu"
+    # kind / k / l1_coeff: None = the model preset's (`SAEConfig`: tiny topk k=16, smol topk k=32, full scale
+    # the paper's ReLU-L1), so the stage trains the SAE the model was configured with unless told otherwise.
+    kind: str | None = None  # the SAE kept: "topk" | "relu"
     compare: bool = True  # also train the other kind and report both
-    k: int = 16
-    l1_coeff: float = 5.0  # ReLU: MSE + l1_coeff * sum_i f_i ||W_dec,i|| on activations scaled to unit mean norm^2/D
+    k: int | None = None
+    l1_coeff: float | None = None  # ReLU: MSE + l1_coeff * sum_i f_i ||W_dec,i|| on activations scaled to unit mean norm^2/D
     steps: int = 3000
     batch_size: int = 1024
     lr: float = 1e-3

@@ -91,13 +91,16 @@ def run_sae(cfg: SAEStageConfig, init: str | Path, run_dir: str | Path, resume: 
     from segcompass.model import SegCompass
 
     run = setup_run(run_dir, "sae")
-    save_config(cfg, run / "sae_config.json")
     if resume and (run / "sae_report.json").is_file() and (run / MODEL_DIR / "model.safetensors").is_file():
         log.info("SAE stage already done in %s", run)
         return run / MODEL_DIR
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     model = SegCompass.from_pretrained(init)
+    preset = model.config.sae
+    cfg = dataclasses.replace(cfg, kind=cfg.kind or preset.kind, k=cfg.k or preset.k,
+                              l1_coeff=preset.l1_coeff if cfg.l1_coeff is None else cfg.l1_coeff)
+    save_config(cfg, run / "sae_config.json")
     examples = load_examples(cfg.data, cfg.split, model.config, cfg.limit)
     acts, owner = cache_activations(model, examples)
     n_held = max(1, int(len(examples) * cfg.heldout))
