@@ -75,7 +75,7 @@ def patch_boxes(grid: int, size: int, valid_hw: tuple[int, int], original_size: 
 def sincos_2d(channels: int, grid: int) -> torch.Tensor:
     """[channels, grid, grid]: half the channels encode the row, half the column, at geometric frequencies."""
     quarter = channels // 4
-    freqs = 1.0 / (grid ** (torch.arange(quarter) / max(1, quarter)))  # one cycle over ~grid tokens .. 1 token
+    freqs = 1.0 / (grid ** (torch.arange(quarter) / max(1, quarter)))  # periods from 4 tokens to ~4 * grid
     coords = torch.arange(grid, dtype=torch.float32)
     angle = coords[:, None] * freqs[None] * (math.pi / 2)  # [grid, quarter]
     code = torch.cat([angle.sin(), angle.cos()], dim=-1)  # [grid, 2 * quarter]
