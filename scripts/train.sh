@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train a model through every stage for one head, then calibrate on val and evaluate on the test split.
 #   scripts/train.sh [segcompass|latent_query|box_text] [RUN_ROOT]
-# DATA (default data/shapeworld) is generated when missing, N_TRAIN (default 6000) train scenes.
-# MODEL=tiny|smol picks the model and its stage preset (training/configs.py PRESETS; default tiny).
+# DATA (default data/shapeworld) is generated when missing (JOBS processes, default all cores),
+# N_TRAIN (default 6000) train scenes.
+# MODEL=tiny|smol|smol-gpu picks the model and its stage preset (training/configs.py PRESETS; default tiny).
 # Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
 # Every stage resumes from its run folder: rerun the same command after an interruption.
 set -euo pipefail
@@ -13,9 +14,10 @@ DATA=${DATA:-data/shapeworld}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$(dirname "$0")/.."
 if [ ! -d "$DATA/test" ]; then
-  python -m training.data.shapeworld --out "$DATA" --split train --n "${N_TRAIN:-6000}" --seed 0
-  python -m training.data.shapeworld --out "$DATA" --split val --n 300 --seed 0
-  python -m training.data.shapeworld --out "$DATA" --split test --n 500 --seed 0
+  GEN=(python -m training.data.shapeworld --out "$DATA" --seed 0 --jobs "${JOBS:-$(nproc)}")
+  "${GEN[@]}" --split train --n "${N_TRAIN:-6000}"
+  "${GEN[@]}" --split val --n 300
+  "${GEN[@]}" --split test --n 500
 fi
 mkdir -p "$ROOT"
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$ROOT/stages.txt"; }

@@ -14,18 +14,19 @@ _SCOPE_ROLE = {"visual": TokenRole.VISUAL, "instruction": TokenRole.INSTRUCTION,
 def edit_token_mask(edit: ConceptEdit, roles_T: torch.Tensor, patch_boxes_V4: torch.Tensor | None) -> torch.Tensor:
     """[T] bool: the tokens an edit applies to."""
     T = roles_T.shape[0]
-    sel = torch.ones(T, dtype=torch.bool) if edit.scope == "all" else roles_T == _SCOPE_ROLE[edit.scope]
+    device = roles_T.device
+    sel = torch.ones(T, dtype=torch.bool, device=device) if edit.scope == "all" else roles_T == _SCOPE_ROLE[edit.scope]
     if edit.token_range is not None:
         start, stop = edit.token_range
-        in_range = torch.zeros(T, dtype=torch.bool)
+        in_range = torch.zeros(T, dtype=torch.bool, device=device)
         in_range[max(0, start): max(0, stop)] = True
         sel &= in_range
     if edit.region is not None:
         visual = (roles_T == TokenRole.VISUAL).nonzero().flatten()
-        in_region = torch.zeros(T, dtype=torch.bool)
+        in_region = torch.zeros(T, dtype=torch.bool, device=device)
         if patch_boxes_V4 is not None and len(visual):
             x0, y0, x1, y1 = edit.region
-            b = patch_boxes_V4
+            b = patch_boxes_V4.to(device)
             overlap = (b[:, 0] < x1) & (b[:, 2] > x0) & (b[:, 1] < y1) & (b[:, 3] > y0)
             in_region[visual[overlap[: len(visual)]]] = True
         sel &= in_region

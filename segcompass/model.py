@@ -126,7 +126,7 @@ class SegCompass(nn.Module):
         ref_pos = self.reference_positions(ids_BT, attention_mask_BT, prompt_lengths_B)
         stand_in = attention_mask_BT.sum(1) - 1
         used = torch.where(ref_pos >= 0, ref_pos, stand_in)
-        ref = step.last[torch.arange(len(used)), used]
+        ref = step.last[torch.arange(len(used), device=used.device), used]
         heat, conf, masks = self.heads(codes, roles_BT, pad, ref, feats, valid_hw, ids_BT, prompt_lengths_B)
         return ForwardOutput(
             lm_logits=step.logits, codes=codes, heatmap_logits=heat, mask_logits=masks,
@@ -225,9 +225,9 @@ class SegCompass(nn.Module):
             roles = fed_roles[0]
             start = len(roles) - x_BtD.shape[1]
             z = self.codes_from_states(x_BtD)[0]
-            z_full = torch.zeros(len(roles), z.shape[-1])
+            z_full = torch.zeros(len(roles), z.shape[-1], device=z.device)
             z_full[start:] = z
-            z_edit = apply_edits(z_full, torch.tensor(roles), edits, boxes[0])[start:]
+            z_edit = apply_edits(z_full, torch.tensor(roles, device=z.device), edits, boxes[0])[start:]
             error = x_BtD[0].float() - self.sae.decode(z)
             return (self.sae.decode(z_edit) + error).to(x_BtD.dtype)[None]
 
@@ -258,13 +258,13 @@ class SegCompass(nn.Module):
                 tokens=[lang.token_text(t) for t in ids],
                 roles=torch.tensor(prompt.roles + lang.completion_roles(comp)),
                 prompt_length=len(prompt.ids),
-                code_index=nz,
-                code_value=codes[nz[:, 0], nz[:, 1]],
+                code_index=nz.cpu(),
+                code_value=codes[nz[:, 0], nz[:, 1]].cpu(),
                 d_sae=codes.shape[1],
-                sae_error=error,
-                ref_state=last[ref_at[0] if ref_at else len(ids) - 1].float(),
+                sae_error=error.cpu(),
+                ref_state=last[ref_at[0] if ref_at else len(ids) - 1].float().cpu(),
                 ref_found=bool(ref_at),
-                image_features=feats[b],
+                image_features=feats[b].cpu(),
                 valid_hw=prep.valid_hw,
                 original_size=prep.original_size,
                 patch_boxes=boxes[b],

@@ -97,7 +97,7 @@ class Trace:
 
     def dense_codes(self) -> torch.Tensor:
         """[T, F] dense codes."""
-        codes = torch.zeros(len(self.tokens), self.d_sae, dtype=self.code_value.dtype)
+        codes = torch.zeros(len(self.tokens), self.d_sae, dtype=self.code_value.dtype, device=self.code_value.device)
         if self.code_index.numel():
             codes[self.code_index[:, 0], self.code_index[:, 1]] = self.code_value
         return codes

@@ -97,7 +97,7 @@ def load_state(run: Path) -> dict | None:
     path = run / STATE_FILE
     if not (path.is_file() and (run / MODEL_DIR / "model.safetensors").is_file()):
         return None
-    return torch.load(path, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def restore_rng(state: dict) -> None:
@@ -129,6 +129,11 @@ class Batches:
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return order[i * self.batch_size: (i + 1) * self.batch_size].tolist()
+
+
+def default_device() -> torch.device:
+    """The GPU when one is visible, else the CPU: where the stages without accelerate (SAE, eval) run."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def count(module: nn.Module, trainable_only: bool = True) -> int:

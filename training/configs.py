@@ -27,6 +27,7 @@ class SFTConfig:
     minutes: float = 14.0
     batch_size: int = 16
     lr: float = 1.5e-3
+    lr_adapters: float = 1.0  # scale of lr for a pretrained LM's adapters (LoRA, new token rows); smol: 0.2
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -60,6 +61,8 @@ class SAEStageConfig:
     batch_size: int = 1024
     lr: float = 1e-3
     minutes: float = 1.0  # per SAE trained
+    normalize: str = "global"  # activations scaled to mean squared norm D: "global" (one scale) | "dim"
+    # (each dimension standardised first); either is folded into the SAE's weights afterwards
     seed: int = 0
 
 
@@ -110,6 +113,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                     save_every=25, conf_weight=1.0, mixed_precision="bf16"),
         "sae": dict(limit=1000, compare=False, minutes=2.0),
         "joint": dict(steps=1000, minutes=30.0, batch_size=8, save_every=25, mixed_precision="bf16"),
+    },
+    # The smol model on one GPU (bf16): LoRA at 0.2 x the from-scratch parts' lr, larger batches,
+    # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual
+    # stream has a few huge dimensions that otherwise dominate the reconstruction and kill latents).
+    "smol-gpu": {
+        "sft": dict(preset="smol", lr=1.5e-3, lr_adapters=0.2, batch_size=32, steps=20000, minutes=4.0,
+                    warmup_steps=50, save_every=250, conf_weight=1.0, aux_weight=1.0, mixed_precision="bf16"),
+        "sae": dict(limit=2000, compare=False, minutes=0.5, normalize="dim"),
+        "joint": dict(steps=20000, minutes=2.0, batch_size=32, prompts=8, group_size=4, grpo_every=4, lr=1e-4,
+                      save_every=250, mixed_precision="bf16"),
     },
     "smoke": {  # seconds: tests and quick checks
         "sft": dict(steps=3, batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),

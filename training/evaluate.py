@@ -47,9 +47,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
     from segcompass.metrics import Scoreboard
     from segcompass.model import SegCompass
+    from training.common import default_device
     from training.data.loaders import load_reasonseg
 
-    model = model if model is not None else SegCompass.from_pretrained(checkpoint)
+    model = model if model is not None else SegCompass.from_pretrained(checkpoint, device=default_device())
     model.eval()
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)
@@ -100,9 +101,10 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
 
     from segcompass.metrics import Scoreboard
     from segcompass.model import SegCompass
+    from training.common import default_device
     from training.data.loaders import load_reasonseg
 
-    model = SegCompass.from_pretrained(checkpoint).eval()
+    model = SegCompass.from_pretrained(checkpoint, device=default_device()).eval()
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)[:limit]
     thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]

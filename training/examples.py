@@ -143,8 +143,6 @@ def prepare_example(sample, config: SegCompassConfig) -> Example:
 def load_examples(folder: str | Path, split: str | None, config: SegCompassConfig, limit: int | None = None,
                   cache: bool = True) -> list[Example]:
     """Load (and cache) the prepared examples of a ReasonSeg split."""
-    from tqdm import tqdm
-
     from training.data.loaders import load_reasonseg
 
     samples = load_reasonseg(folder, split)
@@ -158,11 +156,46 @@ def load_examples(folder: str | Path, split: str | None, config: SegCompassConfi
     if cache and path.is_file():
         data = torch.load(path, weights_only=True)
         return [Example(**{**d, "valid_hw": tuple(d["valid_hw"])}) for d in data]
-    examples = [prepare_example(s, config) for s in tqdm(samples, desc=f"prepare {split or folder}", unit="ex")]
+    examples = _prepare_all(samples, config, f"prepare {split or folder}")
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save([e.__dict__ for e in examples], path)
     return examples
+
+
+_TENSOR_FIELDS = ("pixels", "target_mask", "target_heat", "token_labels")
+
+
+def _prepare_numpy(args) -> dict:
+    """prepare_example in a worker process; tensors travel back as numpy arrays (plain pickling,
+    no shared-memory file descriptors)."""
+    sample, config = args
+    d = dict(prepare_example(sample, config).__dict__)
+    for k in _TENSOR_FIELDS:
+        if d[k] is not None:
+            d[k] = d[k].numpy()
+    return d
+
+
+def _prepare_all(samples, config: SegCompassConfig, desc: str, min_parallel: int = 512) -> list[Example]:
+    """Prepare every sample, on all CPU cores when there are many (one process per core, forked)."""
+    import multiprocessing as mp
+    import os
+
+    from tqdm import tqdm
+
+    workers = min(len(os.sched_getaffinity(0)), 32)
+    if workers < 2 or len(samples) < min_parallel:
+        return [prepare_example(s, config) for s in tqdm(samples, desc=desc, unit="ex")]
+    with mp.get_context("fork").Pool(workers) as pool:
+        out = []
+        for d in tqdm(pool.imap(_prepare_numpy, ((s, config) for s in samples), chunksize=64),
+                      total=len(samples), desc=desc, unit="ex"):
+            for k in _TENSOR_FIELDS:
+                if d[k] is not None:
+                    d[k] = torch.from_numpy(d[k])
+            out.append(Example(**d))
+    return out
 
 
 def collate(examples: list[Example]) -> Batch:

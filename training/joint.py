@@ -129,7 +129,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     step = resume_state(state, optimizer, clock, "joint")
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + step)  # multinomial needs it on the probs' device
     log.info("joint: %d examples, %d trainable parameters, G=%d, %d prompts per GRPO step", len(examples),
              sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.group_size, cfg.prompts)
     bar = tqdm(total=cfg.steps, initial=step, desc="joint", unit="step")

@@ -163,7 +163,8 @@ def final_mask_loss(mask_BKHW, conf_BK, targets_mask: list[torch.Tensor], weight
         w = None if weights_mask is None or weights_mask[b] is None else weights_mask[b].to(final.dtype)
         p, t = final[b].flatten(), target.flatten()
         wf = torch.ones_like(p) if w is None else w.flatten()
-        bce_b = (F.binary_cross_entropy(p, t, reduction="none") * wf).sum() / wf.sum().clamp_min(1.0)
+        with torch.autocast(p.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+            bce_b = (F.binary_cross_entropy(p, t, reduction="none") * wf).sum() / wf.sum().clamp_min(1.0)
         inter = (p * t * wf).sum()
         dice_b = 1.0 - (2 * inter + 1.0) / ((p * wf).sum() + (t * wf).sum() + 1.0)
         losses.append(bce_b + dice_b)

@@ -72,8 +72,22 @@ def freeze_unused(model, loss: torch.Tensor) -> list[str]:
 def param_groups(model, stage: str, base_lr: float, cfg=None, weight_decay: float = 0.0) -> list[dict]:
     """AdamW groups with `base_lr` (each group remembers it as base_lr for the schedule)."""
     if stage == "sft":
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": base_lr, "base_lr": base_lr, "weight_decay": weight_decay, "name": "all"}]
+        # A pretrained LM's adapters (LoRA, new token rows) take lr_adapters x the lr of the parts
+        # trained from scratch (projector, vision neck, heads); a from-scratch LM has no adapters.
+        from segcompass.smol import ADAPTER_MARKERS
+
+        scale = getattr(cfg, "lr_adapters", 1.0) if cfg is not None else 1.0
+        adapters, rest = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (adapters if any(m in name for m in ADAPTER_MARKERS) else rest).append(p)
+        out = [{"params": rest, "lr": base_lr, "base_lr": base_lr, "weight_decay": weight_decay, "name": "all"}]
+        if adapters:
+            lr = base_lr * scale
+            out.append({"params": adapters, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": "adapters"})
+            log.info("lr groups: %d from-scratch params at %.2e, %d adapter params at %.2e",
+                     sum(p.numel() for p in rest), base_lr, sum(p.numel() for p in adapters), lr)
+        return out
     scales = {
         "codebook": cfg.lr_codebook, "slot_mapper": cfg.lr_slot_mapper,
         "mask_decoder.prompt_encoder": cfg.lr_prompt_encoder, "mask_decoder.mask_decoder": cfg.lr_mask_decoder,

@@ -107,12 +107,13 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
     probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"))
     freeze_unused(model, probe)
-    groups = param_groups(model, "sft", cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay)
     aux_head = None
     if cfg.aux_weight > 0:  # training-only head (not part of the checkpoint; a resumed run starts it afresh)
         from .examples import COLOURS, SHAPES, SIZES
 
-        aux_head = torch.nn.Linear(model.vision.token_dim, len(COLOURS) + len(SHAPES) + len(SIZES))
+        aux_head = torch.nn.Linear(model.vision.token_dim, len(COLOURS) + len(SHAPES) + len(SIZES)).to(
+            accelerator.device)
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
     optimizer = torch.optim.AdamW(groups)

@@ -122,11 +122,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", required=True, type=int, help="number of examples")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--start", default=0, type=int, help="first example index (split a long run into ranges)")
+    parser.add_argument("--jobs", default=1, type=int, help="processes, each writing one range (same files)")
     args = parser.parse_args(argv)
     if args.n < 0 or not 0 <= args.start <= args.n:
         parser.error("need 0 <= --start <= --n")
+    if args.jobs < 1:
+        parser.error("need --jobs >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    generate_split(args.out, args.split, args.n, args.seed, first=args.start)
+    if args.jobs == 1:
+        generate_split(args.out, args.split, args.n, args.seed, first=args.start)
+        return
+    import multiprocessing as mp
+
+    cuts = np.linspace(args.start, args.n, args.jobs + 1).round().astype(int).tolist()
+    ranges = [(args.out, args.split, int(b), args.seed, int(a)) for a, b in zip(cuts, cuts[1:]) if b > a]
+    with mp.get_context("fork").Pool(len(ranges)) as pool:
+        pool.starmap(generate_split, ranges)
 
 
 if __name__ == "__main__":
