@@ -84,6 +84,11 @@ def test_cli_is_deterministic_and_prefix_stable(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c" / "train").iterdir()) == files_a
     for name in files_a:
         assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "c" / "train" / name).read_bytes()
+    # --jobs: processes writing ranges of one split make the same files.
+    main(["--out", str(tmp_path / "d"), "--split", "train", "--n", "6", "--seed", "3", "--jobs", "4"])
+    assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == files_a
+    for name in files_a:
+        assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "d" / "train" / name).read_bytes()
 
 
 def test_splits_with_the_same_seed_are_disjoint():

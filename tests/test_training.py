@@ -197,3 +197,66 @@ def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft
     assert 0.0 < result["threshold"] < 1.0 and len(result["sweep_gIoU"]) >= 10
     calibrated = SegCompass.from_pretrained(tmp_path / "final")
     assert calibrated.config.mask.confidence_threshold == result["threshold"]
+
+
+@pytest.mark.parametrize("normalize", ["global", "dim"])
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_sae_normalisation_folds_back_exactly(normalize, kind):
+    """An SAE trained on normalised activations, folded, gives the same codes from raw activations
+    and reconstructions in raw units (a residual stream with one huge dimension, as SmolLM2's)."""
+    from segcompass.sae import SparseAutoencoder
+    from training.sae_stage import fold_affine, normalisation
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 24, dtype=torch.float64) * torch.rand(24, dtype=torch.float64) * 3 + 2
+    x[:, 5] *= 100
+    shift, scale = normalisation(x, normalize)
+    u = (x - shift) * scale
+    assert abs(float(u.pow(2).sum(-1).mean()) - 24) < 1e-6
+    if normalize == "dim":
+        assert torch.allclose(u.std(0) / u.std(0).mean(), torch.ones(24, dtype=torch.float64), atol=1e-6)
+    sae = SparseAutoencoder(24, 64, kind, k=4).double()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    z_u, u_hat = sae(u)
+    z_x, x_hat = fold_affine(sae, scale, shift)(x)
+    assert torch.allclose(z_u, z_x, atol=1e-9)
+    assert torch.allclose(u_hat / scale + shift, x_hat, atol=1e-9)
+
+
+def test_sft_gives_pretrained_adapters_their_own_learning_rate():
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.parts import param_groups, set_trainable
+
+    model = build_model(get_preset("tiny"), build_word_tokenizer(["a b"]))
+    set_trainable(model, "sft")
+    cfg = stage_config("sft", "smol-gpu")
+    groups = param_groups(model, "sft", cfg.lr, cfg)
+    assert [g["name"] for g in groups] == ["all"]  # a from-scratch LM has no adapters
+    # A parameter named like a LoRA matrix lands in the adapter group at lr_adapters x lr.
+    model.register_parameter("lora_A_probe", torch.nn.Parameter(torch.zeros(2)))
+    groups = {g["name"]: g for g in param_groups(model, "sft", cfg.lr, cfg)}
+    assert groups["adapters"]["lr"] == pytest.approx(cfg.lr * cfg.lr_adapters)
+    assert [p.shape for p in groups["adapters"]["params"]] == [torch.Size([2])]
+    assert groups["all"]["lr"] == cfg.lr
+
+
+def test_examples_prepared_in_parallel_equal_sequential(data):
+    from segcompass.presets import get_preset
+    from training.data.loaders import load_reasonseg
+    from training.examples import _prepare_all, prepare_example
+
+    config = get_preset("tiny")
+    samples = load_reasonseg(data, "train")
+    parallel = _prepare_all(samples, config, "prepare", min_parallel=1)
+    for a, s in zip(parallel, samples):
+        b = prepare_example(s, config)
+        for key, value in a.__dict__.items():
+            other = getattr(b, key)
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), key
+            else:
+                assert value == other, key
