@@ -43,7 +43,7 @@ def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torc
     out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
-    return loss, {"seg": float(seg.seg), "conf": float(seg.confidence)}
+    return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}
 
 
 def _valid_prefix(ids: list[int], lang) -> list[int]:
@@ -93,7 +93,8 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
     seg = _seg(out, [e.target_heat.float() for e in rows], [e.target_mask.float() for e in rows], cfg, device)
     loss = g.loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     stats = {"reward": float(rewards.mean()), "format": sum(fmt) / len(fmt), "mask": sum(msk) / len(msk),
-             "kl": float(g.kl), "policy": float(g.policy), "seg": float(seg.seg), "conf": float(seg.confidence),
+             "kl": float(g.kl.detach()), "policy": float(g.policy.detach()), "seg": float(seg.seg.detach()),
+             "conf": float(seg.confidence.detach()),
              "len": float(comp_mask.sum(1).float().mean())}
     return loss, stats
 

@@ -70,13 +70,14 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tupl
         aux = perception_loss(aux_head, vision_out[0], batch)
         if aux is not None:
             loss = loss + cfg.aux_weight * aux
-            stats["aux"] = float(aux)
+            stats["aux"] = float(aux.detach())
     if cfg.mask_loss:
         seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
                          [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
                          c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce)
         loss = loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
-        stats.update(seg=float(seg.seg), conf=float(seg.confidence), dice=float(seg.mask_dice))
+        stats.update(seg=float(seg.seg.detach()), conf=float(seg.confidence.detach()),
+                     dice=float(seg.mask_dice.detach()))
     return loss, stats
 
 
