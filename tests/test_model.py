@@ -182,3 +182,23 @@ def test_encode_batch_matches_encode_one_at_a_time(scene):
         assert (a.mask != b.mask).mean() < 1e-3
     with pytest.raises(ValueError, match="2 images but 1"):
         model.encode_batch([scene, scene], ["x"])
+
+
+def test_ref_dropout_hides_the_reference_state_from_the_heads(tiny_model, scene):
+    """ref_dropout=1 feeds the heads a zero reference state (so only the SAE concepts carry the
+    target); 0 is the plain forward; the LM's own outputs never change."""
+    trace = tiny_model.encode(scene, "the red circle")
+    prep, batch, plain = batch_forward(tiny_model, scene, trace)
+    args = (prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask, batch.prompt_lengths)
+    with torch.no_grad():
+        kept = tiny_model(*args, ref_dropout=0.0)
+        dropped = tiny_model(*args, ref_dropout=1.0)
+        codes_BTF = dropped.codes
+        pad = batch.attention_mask == 0
+        _, feats = tiny_model.vision(prep.pixels[None])
+        zero_ref = tiny_model.heads(codes_BTF, batch.roles, pad, torch.zeros(1, tiny_model.config.lm.hidden_size),
+                                    feats, [prep.valid_hw])
+    assert torch.equal(kept.heatmap_logits, plain.heatmap_logits)
+    assert torch.equal(dropped.lm_logits, plain.lm_logits)
+    assert torch.allclose(dropped.heatmap_logits, zero_ref[0], atol=1e-6)
+    assert not torch.allclose(dropped.heatmap_logits, plain.heatmap_logits)

@@ -96,6 +96,7 @@ class JointConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     max_reasoning_words: int = 64
+    ref_dropout: float = 0.0  # supervised seg steps: share of rows whose reference state the heads see as 0
     save_every: int = 100
     mixed_precision: str = "no"  # accelerate's: "no" | "bf16" | "fp16"
     seed: int = 0

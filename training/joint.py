@@ -40,7 +40,7 @@ def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
         vision_out = model.vision(batch.pixels.to(device))
-    out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
+    out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out, ref_dropout=cfg.ref_dropout)
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}

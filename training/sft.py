@@ -24,14 +24,15 @@ from .parts import freeze_unused, param_groups, set_trainable
 log = logging.getLogger(__name__)
 
 
-def teacher_forced(model, batch: Batch, device, head: str, vision_out=None):
+def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_dropout: float = 0.0):
     """Forward the reference completions of a batch; returns (ForwardOutput, PackedBatch)."""
     lang = model.language
     prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in batch.examples]
     comps = [lang.encode_completion(completion_cot(e, head)) for e in batch.examples]
     packed = lang.pack(prompts, comps)
     out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
-                packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out)
+                packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out,
+                ref_dropout=ref_dropout)
     return out, packed
 
 
