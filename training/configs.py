@@ -97,6 +97,8 @@ class JointConfig:
     grad_clip: float = 1.0
     max_reasoning_words: int = 64
     ref_dropout: float = 0.0  # supervised seg steps: share of rows whose reference state the heads see as 0
+    # (segcompass head: the slots must then carry the target via SAE concepts; keep 0 for the baselines,
+    # whose only input is that state)
     save_every: int = 100
     mixed_precision: str = "no"  # accelerate's: "no" | "bf16" | "fp16"
     seed: int = 0
