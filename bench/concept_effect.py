@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from segcompass.concepts import top_concepts
+    from segcompass.concepts import toggle_effects, top_concepts
     from segcompass.model import SegCompass
-    from segcompass.records import ConceptEdit
     from training.data.loaders import load_reasonseg
 
     model = SegCompass.from_pretrained(args.checkpoint).eval()
@@ -40,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     best, every = [], []
     for s in samples:
         trace = model.encode(s.load_image(), s.texts[0])
-        base = model.decode(trace).mask
-        changes = [int(np.logical_xor(base, model.decode(trace, [ConceptEdit(c.concept)]).mask).sum())
-                   for c in top_concepts(model, trace)[: args.rows]]
+        changes = toggle_effects(model, trace, [c.concept for c in top_concepts(model, trace, limit=args.rows)])
         best.append(max(changes, default=0))
         every.extend(changes)
     print(json.dumps({

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
-from .records import TokenRole, Trace
+from .records import ConceptEdit, TokenRole, Trace
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ def top_concepts(model, trace: Trace, limit: int = 20) -> list[ConceptInfo]:
             top_positions=tuple(int(i) for i in top),
         ))
     return out
+
+
+def toggle_effects(model, trace: Trace, concepts: list[int]) -> list[int]:
+    """Mask pixels that change when each concept alone is switched off (decode with one ConceptEdit):
+    how causal each of the explorer's concept toggles is."""
+    base = model.decode(trace).mask
+    return [int(np.logical_xor(base, model.decode(trace, [ConceptEdit(c)]).mask).sum()) for c in concepts]
 
 
 def concepts_at(trace: Trace, position: int, limit: int = 10) -> list[tuple[int, float]]:

@@ -15,7 +15,10 @@ def edit_token_mask(edit: ConceptEdit, roles_T: torch.Tensor, patch_boxes_V4: to
     """[T] bool: the tokens an edit applies to."""
     T = roles_T.shape[0]
     device = roles_T.device
-    sel = torch.ones(T, dtype=torch.bool, device=device) if edit.scope == "all" else roles_T == _SCOPE_ROLE[edit.scope]
+    if edit.scope == "all":
+        sel = torch.ones(T, dtype=torch.bool, device=device)
+    else:
+        sel = roles_T == _SCOPE_ROLE[edit.scope]
     if edit.token_range is not None:
         start, stop = edit.token_range
         in_range = torch.zeros(T, dtype=torch.bool, device=device)

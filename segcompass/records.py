@@ -97,9 +97,10 @@ class Trace:
 
     def dense_codes(self) -> torch.Tensor:
         """[T, F] dense codes."""
-        codes = torch.zeros(len(self.tokens), self.d_sae, dtype=self.code_value.dtype, device=self.code_value.device)
+        value = self.code_value
+        codes = torch.zeros(len(self.tokens), self.d_sae, dtype=value.dtype, device=value.device)
         if self.code_index.numel():
-            codes[self.code_index[:, 0], self.code_index[:, 1]] = self.code_value
+            codes[self.code_index[:, 0], self.code_index[:, 1]] = value
         return codes
 
 

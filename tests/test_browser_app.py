@@ -47,8 +47,7 @@ WATCH_COT = """() => {
 def most_mask_changing_concept(explorer, example, rows: int = 8):  # noqa: F811
     """(row, concept, pixels) of the listed concept, among the first `rows` (the table renders only the
     rows in view), whose switch-off changes the mask most. The app is deterministic (greedy CoT)."""
-    from segcompass.concepts import top_concepts
-    from segcompass.records import ConceptEdit
+    from segcompass.concepts import toggle_effects, top_concepts
     from segcompass.vision import to_rgb_array
 
     from app.session import downscale
@@ -56,10 +55,8 @@ def most_mask_changing_concept(explorer, example, rows: int = 8):  # noqa: F811
 
     image, _ = downscale(to_rgb_array(example["image"]))
     trace = explorer.model.encode(image, example["instruction"])
-    base = explorer.model.decode(trace)
     listed = top_concepts(explorer.model, trace, limit=TOP_CONCEPTS)[:rows]
-    changes = [int(np.logical_xor(base.mask, explorer.model.decode(trace, [ConceptEdit(c.concept)]).mask).sum())
-               for c in listed]
+    changes = toggle_effects(explorer.model, trace, [c.concept for c in listed])
     row = int(np.argmax(changes))
     return row, listed[row].concept, changes[row]
 

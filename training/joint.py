@@ -40,7 +40,8 @@ def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
         vision_out = model.vision(batch.pixels.to(device))
-    out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out, ref_dropout=cfg.ref_dropout)
+    out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out,
+                            ref_dropout=cfg.ref_dropout)
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}
@@ -130,7 +131,8 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     step = resume_state(state, optimizer, clock, "joint")
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + step)  # multinomial needs it on the probs' device
+    # multinomial sampling needs the generator on the probabilities' device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
     log.info("joint: %d examples, %d trainable parameters, G=%d, %d prompts per GRPO step", len(examples),
              sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.group_size, cfg.prompts)
     bar = tqdm(total=cfg.steps, initial=step, desc="joint", unit="step")

@@ -76,7 +76,7 @@ def param_groups(model, stage: str, base_lr: float, cfg=None, weight_decay: floa
         # trained from scratch (projector, vision neck, heads); a from-scratch LM has no adapters.
         from segcompass.smol import ADAPTER_MARKERS
 
-        scale = getattr(cfg, "lr_adapters", 1.0) if cfg is not None else 1.0
+        scale = getattr(cfg, "lr_adapters", 1.0)  # 1 without a config
         adapters, rest = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:

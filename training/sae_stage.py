@@ -136,7 +136,8 @@ def run_sae(cfg: SAEStageConfig, init: str | Path, run_dir: str | Path, resume: 
              len(acts), int(held.sum()), len(examples), t_cache, cfg.normalize, float(scale.mean()))
     kinds = [cfg.kind] + ([k for k in ("topk", "relu") if k != cfg.kind] if cfg.compare else [])
     report = {"activations": len(acts), "heldout_activations": int(held.sum()), "d_in": acts.shape[1],
-              "d_sae": model.config.sae.d_sae, "normalize": cfg.normalize, "scale": float(scale.mean()), "cache_seconds": t_cache, "runs": {}}
+              "d_sae": model.config.sae.d_sae, "normalize": cfg.normalize, "scale": float(scale.mean()),
+              "cache_seconds": t_cache, "runs": {}}
     saes = {}
     for kind in kinds:
         t = time.perf_counter()
