@@ -8,10 +8,11 @@ also splice a replacement in (the "re-reason under an edit" path).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -227,6 +228,27 @@ class LanguageModel(nn.Module):
             prompt_ids=ids, prompt_mask=mask[:, :P], completion_ids=completion[:, : t + 1],
             completion_mask=comp_mask[:, : t + 1],
         )
+
+    def word_logits(self, states_BTD: torch.Tensor, word_ids: list[int]) -> torch.Tensor:
+        """Logit lens restricted to some words: the LM's final norm and unembedding applied to
+        intermediate states [B, T, D] -> [B, T, len(word_ids)]."""
+        head = self.lm.get_output_embeddings()
+        norm = self.lm.get_decoder().norm
+        ids = torch.as_tensor(word_ids, device=states_BTD.device)
+        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+        return F.linear(norm(states_BTD), head.weight[ids], bias)
+
+    def single_token_ids(self, words: Sequence[str]) -> list[int] | None:
+        """The token id of each word as it appears mid-sentence (" red", or "red" for a word-level
+        tokenizer) when every word is a single token, else None."""
+        out, unk = [], self.tokenizer.unk_token_id
+        for word in words:
+            ids = [i for i in (self.tokenizer(v, add_special_tokens=False).input_ids for v in (" " + word, word))
+                   if len(i) == 1 and i[0] != unk]
+            if not ids:
+                return None
+            out.append(ids[0][0])
+        return out
 
     def token_text(self, token_id: int) -> str:
         if token_id in self.special_ids:

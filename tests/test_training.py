@@ -260,3 +260,48 @@ def test_examples_prepared_in_parallel_equal_sequential(data):
                 assert value.dtype == other.dtype and torch.equal(value, other), key
             else:
                 assert value == other, key
+
+
+def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
+    """The naming loss is the logit lens of layer L at the visual tokens, restricted to the attribute
+    words: it reaches the layers up to L, the projector and the vision trunk, not the layers above L."""
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, collate, corpus, load_examples
+    from training.sft import naming_loss, teacher_forced
+
+    config = get_preset("tiny")
+    examples = load_examples(data, "train", config, cache=False)
+    torch.manual_seed(0)
+    model = build_model(config, build_word_tokenizer(corpus(examples) + [" ".join(COLOURS + SHAPES + SIZES + ROWS + COLUMNS)]))
+    lang = model.language
+    ids = lang.single_token_ids(SHAPES)
+    assert ids is not None and len(set(ids)) == len(SHAPES)
+    states = torch.randn(2, 3, config.lm.hidden_size)
+    full = lang.lm.get_output_embeddings()(lang.lm.get_decoder().norm(states))
+    assert torch.allclose(lang.word_logits(states, ids), full[..., ids], atol=1e-6)
+    assert lang.single_token_ids(["not-a-known-word-xyz"]) is None
+
+    batch = collate(examples[:4])
+    for e in examples:  # colour, shape, size, row, column of each labelled token's object
+        named = e.token_labels[e.token_labels[:, 0] >= 0]
+        assert e.token_labels.shape[1] == 5 and len(named) and (named >= 0).all()
+        assert (named.max(0).values < torch.tensor([len(COLOURS), len(SHAPES), len(SIZES), 3, 3])).all()
+    out, packed = teacher_forced(model, batch, torch.device("cpu"), "segcompass")
+    loss = naming_loss(model, out.hook_states, packed.ids, batch)
+    assert loss is not None and torch.isfinite(loss) and loss > 0
+    model.zero_grad()
+    loss.backward()
+    L = config.lm.hook_layer
+    for name, p in model.named_parameters():
+        touched = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        if name.startswith(("vision.stem", "language.projector")) or any(
+                name.startswith(f"language.lm.model.layers.{i}.") for i in range(L)):
+            assert touched, name
+        if any(name.startswith(f"language.lm.model.layers.{i}.") for i in range(L, config.lm.num_layers)):
+            assert not touched, name
+    # Without ShapeWorld objects there is nothing to name.
+    no_labels = collate([e.__class__(**{**e.__dict__, "token_labels": None}) for e in examples[:2]])
+    out, packed = teacher_forced(model, no_labels, torch.device("cpu"), "segcompass")
+    assert naming_loss(model, out.hook_states, packed.ids, no_labels) is None

@@ -37,6 +37,8 @@ class SFTConfig:
     conf_weight: float = 0.5
     aux_weight: float = 0.0  # > 0: auxiliary perception loss (colour/shape/size of the object under each visual
     # token, from ShapeWorld's `objects`) on the vision encoder's tokens; a training-only linear head
+    naming_weight: float = 0.0  # > 0: the same labels read from each visual token's layer-L state through the
+    # LM's own norm + unembedding (training.sft.naming_loss); no extra parameters
     c_dice: float = 1.0
     c_focal: float = 0.0
     c_mask_bce: float = 1.0

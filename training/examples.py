@@ -36,7 +36,7 @@ class Example:
     target_mask: torch.Tensor  # [N, 4h, 4w] float16 soft targets in the padded frame
     target_heat: torch.Tensor  # [N, h, w] float16
     boxes: str  # "box : x0 y0 x1 y1 ..." words for the box_text baseline ("" when no target)
-    token_labels: torch.Tensor | None = None  # [Nv, 3] long (colour, shape, size) of the object under each
+    token_labels: torch.Tensor | None = None  # [Nv, 5] long (colour, shape, size, row, column) of the object under each
     # visual token, -100 where none (ShapeWorld only: the auxiliary perception loss of the tiny SFT)
 
 
@@ -93,10 +93,12 @@ def _prepare_pixels(image: np.ndarray, S: int) -> tuple[np.ndarray, tuple[int, i
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
 SHAPES = ("circle", "triangle", "square", "diamond", "hexagon", "star")
 SIZES = ("small", "medium", "large")
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # thirds holding the object's centre
 
 
 def token_labels(sample, valid_hw: tuple[int, int], S: int, grid: int) -> torch.Tensor | None:
-    """(colour, shape, size) class of the object covering each visual token's patch, [grid*grid, 3];
+    """(colour, shape, size, row, column) class of the object covering each visual token's patch,
+    [grid*grid, 5] (row / column: the third of the image its centre lies in);
     a patch is labelled with the object of largest overlap when it covers >= 20% of the patch or
     >= 40% of the object; -100 elsewhere. None without ShapeWorld `objects`."""
     import skimage.draw
@@ -104,12 +106,14 @@ def token_labels(sample, valid_hw: tuple[int, int], S: int, grid: int) -> torch.
     if not sample.objects:
         return None
     H, W = sample.size()
-    labels = torch.full((grid * grid, 3), -100, dtype=torch.long)
+    labels = torch.full((grid * grid, 5), -100, dtype=torch.long)
     best = np.zeros((grid, grid), np.float32)
     for obj in sample.objects:
         try:
-            cls = (COLOURS.index(obj["color"]), SHAPES.index(obj["shape"]), SIZES.index(obj["size"]))
-        except (KeyError, ValueError):
+            cx, cy = (float(v) for v in obj["center"])
+            cls = (COLOURS.index(obj["color"]), SHAPES.index(obj["shape"]), SIZES.index(obj["size"]),
+                   min(2, max(0, int(3 * cy / H))), min(2, max(0, int(3 * cx / W))))
+        except (KeyError, ValueError, TypeError):
             continue
         pts = np.asarray(obj["points"], dtype=np.float64)
         m = np.zeros((H, W), np.float32)
@@ -150,7 +154,7 @@ def load_examples(folder: str | Path, split: str | None, config: SegCompassConfi
         samples = samples[:limit]
     key = hashlib.sha1(
         f"{Path(folder).resolve()}|{split}|{len(samples)}|{samples[-1].name if samples else ''}|"
-        f"{config.vision.image_size}|{config.vision.feature_grid}|{config.codebook.num_slots}|v2".encode()
+        f"{config.vision.image_size}|{config.vision.feature_grid}|{config.codebook.num_slots}|v3".encode()
     ).hexdigest()[:16]
     path = CACHE_DIR / f"{key}.pt"
     if cache and path.is_file():

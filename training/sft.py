@@ -53,11 +53,41 @@ def perception_loss(aux_head, tokens_BND: torch.Tensor, batch: Batch) -> torch.T
 
     if any(e.token_labels is None for e in batch.examples):
         return None
-    labels = torch.stack([e.token_labels for e in batch.examples]).to(tokens_BND.device)  # [B, Nv, 3]
+    labels = torch.stack([e.token_labels[:, :3] for e in batch.examples]).to(tokens_BND.device)  # [B, Nv, 3]
     logits = aux_head(tokens_BND)  # [B, Nv, 16]
     splits = logits.split([len(COLOURS), len(SHAPES), len(SIZES)], dim=-1)
     losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1), ignore_index=-100)
               for i, lg in enumerate(splits) if bool((labels[..., i] >= 0).any())]
+    return torch.stack(losses).mean() if losses else None
+
+
+def naming_vocab(lang) -> list[list[int]] | None:
+    """Token ids of the colour, shape, size, row and column words (None unless each is a single token)."""
+    from .examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
+
+    vocab = [lang.single_token_ids(words) for words in (COLOURS, SHAPES, SIZES, ROWS, COLUMNS)]
+    return None if any(v is None for v in vocab) else vocab
+
+
+def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """Cross-entropy of the colour / shape / size / row / column words of the object under each visual token, read
+    from that token's layer-L state through the LM's own final norm and unembedding (logit lens).
+    The middle of the LM then names what each visual token shows in its own vocabulary, so a later
+    layer can copy the word by attending to the token, and the SAE (which reads layer L) sees
+    visual tokens and CoT words in one space. ShapeWorld only; None without `objects` or where an
+    attribute word is not a single token."""
+    lang = model.language
+    vocab = naming_vocab(lang)
+    if vocab is None or any(e.token_labels is None for e in batch.examples):
+        return None
+    labels = torch.stack([e.token_labels for e in batch.examples]).to(hook_BTD.device)  # [B, Nv, 5]
+    states = hook_BTD[ids_BT.to(hook_BTD.device) == lang.image_id].view(*labels.shape[:2], -1)  # [B, Nv, D]
+    losses = []
+    for i, word_ids in enumerate(vocab):
+        if bool((labels[..., i] >= 0).any()):
+            logits = lang.word_logits(states, word_ids).float()
+            losses.append(F.cross_entropy(logits.reshape(-1, len(word_ids)), labels[..., i].reshape(-1),
+                                          ignore_index=-100))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -72,6 +102,11 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tupl
         if aux is not None:
             loss = loss + cfg.aux_weight * aux
             stats["aux"] = float(aux.detach())
+    if cfg.naming_weight > 0:
+        naming = naming_loss(model, out.hook_states, packed.ids, batch)
+        if naming is not None:
+            loss = loss + cfg.naming_weight * naming
+            stats["name"] = float(naming.detach())
     if cfg.mask_loss:
         seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
                          [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
@@ -118,6 +153,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
             accelerator.device)
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
+    if cfg.naming_weight > 0 and naming_vocab(model.language) is None:
+        log.warning("naming loss off: an attribute word is not a single token of this tokenizer")
     optimizer = torch.optim.AdamW(groups)
     clock = Clock(cfg.steps, cfg.minutes)
     step = resume_state(state, optimizer, clock, "sft")
