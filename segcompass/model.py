@@ -114,12 +114,16 @@ class SegCompass(nn.Module):
         prompt_lengths_B: torch.Tensor,
         vision_out: tuple[torch.Tensor, torch.Tensor] | None = None,
         ref_dropout: float = 0.0,
+        ref_shuffle: float = 0.0,
     ) -> ForwardOutput:
         """Right-padded sequences (prompt + completion). The reference token used is the first one
         after the prompt; where there is none, the last real token stands in. `vision_out`, when
         given, is the vision encoder's (tokens, features) for these rows (pixels are then unused).
         `ref_dropout` (training): the share of rows whose reference state the heads see as zeros,
-        so the slots must carry the target through the SAE concepts (what concept edits act on)."""
+        so the slots must carry the target through the SAE concepts (what concept edits act on).
+        `ref_shuffle` (training): the share of rows whose heads get another row's reference state
+        (the batch rolled by one), so that where the concepts and that state disagree, as after a
+        concept edit, the heads follow the concepts."""
         tokens, feats = vision_out if vision_out is not None else self.vision(pixels_B3SS)
         embeds = self.language.embed(ids_BT, tokens)
         positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
@@ -130,6 +134,8 @@ class SegCompass(nn.Module):
         stand_in = attention_mask_BT.sum(1) - 1
         used = torch.where(ref_pos >= 0, ref_pos, stand_in)
         ref = step.last[torch.arange(len(used), device=used.device), used]
+        if ref_shuffle > 0 and len(ref) > 1:
+            ref = torch.where(torch.rand(len(ref), 1, device=ref.device) < ref_shuffle, ref.roll(1, 0), ref)
         if ref_dropout > 0:
             ref = ref * (torch.rand(len(ref), 1, device=ref.device) >= ref_dropout)
         heat, conf, masks = self.heads(codes, roles_BT, pad, ref, feats, valid_hw, ids_BT, prompt_lengths_B)

@@ -202,3 +202,33 @@ def test_ref_dropout_hides_the_reference_state_from_the_heads(tiny_model, scene)
     assert torch.equal(dropped.lm_logits, plain.lm_logits)
     assert torch.allclose(dropped.heatmap_logits, zero_ref[0], atol=1e-6)
     assert not torch.allclose(dropped.heatmap_logits, plain.heatmap_logits)
+
+
+def test_ref_shuffle_gives_the_heads_another_rows_reference_state(tiny_model, scene):
+    """ref_shuffle=1 hands each row's heads the next row's reference state (the batch rolled by one),
+    leaving the codes, the LM's outputs and everything else of the row as they were."""
+    lang = tiny_model.language
+    traces = [tiny_model.encode(scene, text) for text in ("the red circle", "the small blue square")]
+    prep = tiny_model.prepare(scene)
+    batch = lang.pack([lang.build_prompt(t.instruction, tiny_model.num_visual) for t in traces],
+                      [t.token_ids[t.prompt_length:].tolist() for t in traces])
+    args = (prep.pixels[None].expand(2, -1, -1, -1), [prep.valid_hw] * 2, batch.ids, batch.roles,
+            batch.attention_mask, batch.prompt_lengths)
+    seen = []
+    heads = tiny_model.heads
+
+    def spy(codes, roles, pad, ref, *rest):
+        seen.append(ref.clone())
+        return heads(codes, roles, pad, ref, *rest)
+
+    tiny_model.heads = spy
+    try:
+        with torch.no_grad():
+            plain = tiny_model(*args)
+            shuffled = tiny_model(*args, ref_shuffle=1.0)
+    finally:
+        del tiny_model.heads
+    assert not torch.equal(seen[0][0], seen[0][1])
+    assert torch.equal(seen[1], seen[0].roll(1, 0))
+    assert torch.equal(shuffled.lm_logits, plain.lm_logits) and torch.equal(shuffled.codes, plain.codes)
+    assert not torch.allclose(shuffled.heatmap_logits, plain.heatmap_logits)

@@ -101,6 +101,8 @@ class JointConfig:
     ref_dropout: float = 0.0  # supervised seg steps: share of rows whose reference state the heads see as 0
     # (segcompass head: the slots must then carry the target via SAE concepts; keep 0 for the baselines,
     # whose only input is that state)
+    ref_shuffle: float = 0.0  # supervised seg steps: share of rows given another row's reference state
+    # (segcompass head: the concepts then outrank that state where they disagree, as after a concept edit)
     save_every: int = 100
     mixed_precision: str = "no"  # accelerate's: "no" | "bf16" | "fp16"
     seed: int = 0

@@ -41,7 +41,7 @@ def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torc
     with torch.no_grad():
         vision_out = model.vision(batch.pixels.to(device))
     out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out,
-                            ref_dropout=cfg.ref_dropout)
+                            ref_dropout=cfg.ref_dropout, ref_shuffle=cfg.ref_shuffle)
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}

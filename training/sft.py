@@ -24,7 +24,8 @@ from .parts import freeze_unused, param_groups, set_trainable
 log = logging.getLogger(__name__)
 
 
-def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_dropout: float = 0.0):
+def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_dropout: float = 0.0,
+                   ref_shuffle: float = 0.0):
     """Forward the reference completions of a batch; returns (ForwardOutput, PackedBatch)."""
     lang = model.language
     prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in batch.examples]
@@ -32,7 +33,7 @@ def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_
     packed = lang.pack(prompts, comps)
     out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
                 packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out,
-                ref_dropout=ref_dropout)
+                ref_dropout=ref_dropout, ref_shuffle=ref_shuffle)
     return out, packed
 
 
