@@ -74,6 +74,19 @@ def toggle_effects(model, trace: Trace, concepts: list[int]) -> list[int]:
     return [int(np.logical_xor(base, model.decode(trace, [ConceptEdit(c)]).mask).sum()) for c in concepts]
 
 
+def reason_effects(model, image, trace: Trace, concepts: list[int]) -> list[tuple[int, bool]]:
+    """The slow path's version of `toggle_effects`: for each concept switched off, regenerate the CoT
+    with the edit spliced into layer L (`model.reason`) and decode; (mask pixels changed, did the CoT
+    change)."""
+    base = model.decode(trace).mask
+    out = []
+    for c in concepts:
+        edit = [ConceptEdit(c)]
+        again = model.reason(image, trace, edit)
+        out.append((int(np.logical_xor(base, model.decode(again, edit).mask).sum()), again.cot != trace.cot))
+    return out
+
+
 def concepts_at(trace: Trace, position: int, limit: int = 10) -> list[tuple[int, float]]:
     """[(concept, activation)] of one token, strongest first."""
     if not 0 <= position < len(trace.tokens):

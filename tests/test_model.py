@@ -232,3 +232,18 @@ def test_ref_shuffle_gives_the_heads_another_rows_reference_state(tiny_model, sc
     assert torch.equal(seen[1], seen[0].roll(1, 0))
     assert torch.equal(shuffled.lm_logits, plain.lm_logits) and torch.equal(shuffled.codes, plain.codes)
     assert not torch.allclose(shuffled.heatmap_logits, plain.heatmap_logits)
+
+
+def test_reason_effects_regenerate_under_each_edit(tiny_model, scene):
+    """bench.concept_effect --reason: one slow-path regeneration per concept, scored against the
+    unedited mask; the CoT-changed flag is the regenerated CoT's."""
+    from segcompass.concepts import reason_effects
+
+    trace = tiny_model.encode(scene, "the red circle")
+    concepts = [c.concept for c in top_concepts(tiny_model, trace, limit=2)]
+    assert concepts and reason_effects(tiny_model, scene, trace, []) == []
+    base = tiny_model.decode(trace).mask
+    for c, (px, changed) in zip(concepts, reason_effects(tiny_model, scene, trace, concepts)):
+        again = tiny_model.reason(scene, trace, [ConceptEdit(c)])
+        assert changed == (again.cot != trace.cot)
+        assert px == int(np.logical_xor(base, tiny_model.decode(again, [ConceptEdit(c)]).mask).sum())

@@ -291,6 +291,8 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     out, packed = teacher_forced(model, batch, torch.device("cpu"), "segcompass")
     loss = naming_loss(model, out.hook_states, packed.ids, batch)
     assert loss is not None and torch.isfinite(loss) and loss > 0
+    with_regions = naming_loss(model, out.hook_states, packed.ids, batch, regions=True)
+    assert with_regions is not None and not torch.isclose(with_regions, loss)
     model.zero_grad()
     loss.backward()
     L = config.lm.hook_layer

@@ -62,26 +62,29 @@ def perception_loss(aux_head, tokens_BND: torch.Tensor, batch: Batch) -> torch.T
     return torch.stack(losses).mean() if losses else None
 
 
-def naming_vocab(lang) -> list[list[int]] | None:
-    """Token ids of the colour, shape, size, row and column words (None unless each is a single token)."""
+def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
+    """Token ids of the colour, shape and size words (and, with `regions`, the row and column words);
+    None unless each is a single token."""
     from .examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
 
-    vocab = [lang.single_token_ids(words) for words in (COLOURS, SHAPES, SIZES, ROWS, COLUMNS)]
+    groups = (COLOURS, SHAPES, SIZES) + ((ROWS, COLUMNS) if regions else ())
+    vocab = [lang.single_token_ids(words) for words in groups]
     return None if any(v is None for v in vocab) else vocab
 
 
-def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch) -> torch.Tensor | None:
-    """Cross-entropy of the colour / shape / size / row / column words of the object under each visual token, read
+def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch, regions: bool = False
+                ) -> torch.Tensor | None:
+    """Cross-entropy of the colour / shape / size (and row / column) words of the object under each visual token, read
     from that token's layer-L state through the LM's own final norm and unembedding (logit lens).
     The middle of the LM then names what each visual token shows in its own vocabulary, so a later
     layer can copy the word by attending to the token, and the SAE (which reads layer L) sees
     visual tokens and CoT words in one space. ShapeWorld only; None without `objects` or where an
     attribute word is not a single token."""
     lang = model.language
-    vocab = naming_vocab(lang)
+    vocab = naming_vocab(lang, regions)
     if vocab is None or any(e.token_labels is None for e in batch.examples):
         return None
-    labels = torch.stack([e.token_labels for e in batch.examples]).to(hook_BTD.device)  # [B, Nv, 5]
+    labels = torch.stack([e.token_labels[:, :len(vocab)] for e in batch.examples]).to(hook_BTD.device)
     states = hook_BTD[ids_BT.to(hook_BTD.device) == lang.image_id].view(*labels.shape[:2], -1)  # [B, Nv, D]
     losses = []
     for i, word_ids in enumerate(vocab):
@@ -104,7 +107,7 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tupl
             loss = loss + cfg.aux_weight * aux
             stats["aux"] = float(aux.detach())
     if cfg.naming_weight > 0:
-        naming = naming_loss(model, out.hook_states, packed.ids, batch)
+        naming = naming_loss(model, out.hook_states, packed.ids, batch, cfg.naming_regions)
         if naming is not None:
             loss = loss + cfg.naming_weight * naming
             stats["name"] = float(naming.detach())
@@ -154,7 +157,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
             accelerator.device)
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
-    if cfg.naming_weight > 0 and naming_vocab(model.language) is None:
+    if cfg.naming_weight > 0 and naming_vocab(model.language, cfg.naming_regions) is None:
         log.warning("naming loss off: an attribute word is not a single token of this tokenizer")
     optimizer = torch.optim.AdamW(groups)
     clock = Clock(cfg.steps, cfg.minutes)
