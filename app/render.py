@@ -127,8 +127,13 @@ def change_markdown(change: Change, n_edits: int) -> str:
         f"| slot {k + 1} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
         for k, (a, b) in enumerate(zip(change.confidence_before, change.confidence_after))
     )
+    hint = ""
+    if n_edits and change.pixels_changed == 0:
+        hint = ("\n\nThe mask did not move: here the slots see the edited concepts but keep the reference "
+                "token's state, which can carry the answer on its own. **Re-reason with these edits** regenerates "
+                "the CoT with the edit inside the language model and shows its full effect.")
     return (
         f"**{n_edits} edit{'s' if n_edits != 1 else ''}** · mask IoU old/new **{change.iou:.3f}** · "
         f"pixels changed **{change.pixels_changed}** ({change.pixels_before} → {change.pixels_after} px)\n\n"
-        f"| slot | confidence before | after | change |\n|---|---|---|---|\n{rows}"
+        f"| slot | confidence before | after | change |\n|---|---|---|---|\n{rows}{hint}"
     )

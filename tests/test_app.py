@@ -338,3 +338,15 @@ def test_build_demo_gives_every_component_an_elem_id(explorer):
     assert missing == []
     names = {d.get("api_name") for d in config["dependencies"]}
     assert {"run", "toggle", "reset", "reason", "rename", "search", "export"} <= names
+
+
+def test_change_text_points_to_re_reasoning_when_an_edit_moves_nothing():
+    from app.render import Change, change_markdown
+
+    def change(px):
+        return Change(iou=1.0 if px == 0 else 0.9, pixels_changed=px, pixels_before=100, pixels_after=100 + px,
+                      confidence_before=(0.9,), confidence_after=(0.8,), kept_before=(0,), kept_after=(0,))
+
+    assert "Re-reason with these edits" in change_markdown(change(0), 1)
+    assert "Re-reason" not in change_markdown(change(12), 1)
+    assert "Re-reason" not in change_markdown(change(0), 0)
