@@ -6,13 +6,15 @@ pixels that change.
 
 Prints JSON: per example the largest change over the top `--rows` concepts; their mean / median, the
 share of examples where some toggle moves >= 50 pixels, and the mean change over all toggles.
-`--reason` adds the same for the slow path ("Re-reason with these edits": the CoT regenerated with
+Also: how much the mask leans on the reference token's state (gIoU and pixels changed when decode
+sees that state as zeros, as `ref_dropout` trains it to). `--reason` adds the same for the slow path ("Re-reason with these edits": the CoT regenerated with
 the edit spliced into layer L, then decoded), and how many of the toggles change the CoT.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -34,15 +36,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from segcompass.concepts import reason_effects, toggle_effects, top_concepts
+    from segcompass.metrics import iou
     from segcompass.model import SegCompass
     from training.data.loaders import load_reasonseg
 
     model = SegCompass.from_pretrained(args.checkpoint).eval()
     samples = load_reasonseg(args.data, split=args.split)[: args.limit]
-    best, every, slow_best, cot_changed = [], [], [], []
+    best, every, slow_best, cot_changed, scores, zero_scores, zero_changes = [], [], [], [], [], [], []
     for s in samples:
         image = s.load_image()
         trace = model.encode(image, s.texts[0])
+        gt, mask = s.gt_mask(), model.decode(trace).mask
+        no_ref = model.decode(dataclasses.replace(trace, ref_state=torch.zeros_like(trace.ref_state))).mask
+        scores.append(iou(mask, gt))
+        zero_scores.append(iou(no_ref, gt))
+        zero_changes.append(int(np.logical_xor(mask, no_ref).sum()))
         concepts = [c.concept for c in top_concepts(model, trace, limit=args.rows)]
         changes = toggle_effects(model, trace, concepts)
         best.append(max(changes, default=0))
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         "max_change_px_mean": float(np.mean(best)), "max_change_px_median": float(np.median(best)),
         "share_with_a_toggle_moving_50px": float(np.mean([b >= 50 for b in best])),
         "change_px_mean_all_toggles": float(np.mean(every)) if every else 0.0,
+        "gIoU": float(np.mean(scores)), "gIoU_reference_state_zeroed": float(np.mean(zero_scores)),
+        "reference_state_zeroed_change_px_mean": float(np.mean(zero_changes)),
         **slow_report,
     }, indent=2))
 

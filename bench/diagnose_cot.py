@@ -3,7 +3,10 @@
 - generated: encode + decode as a user runs it (the model's own chain of thought);
 - teacher-forced: the same heads fed the data set's reference chain of thought (an upper bound
   for the mask path given perfect reasoning),
-plus the exact-match accuracy of the answer the generated CoT names ("answer : …").
+plus the exact-match accuracy of the answer the generated CoT names ("answer : …"), the share of
+answers that describe no object in the scene at all (ShapeWorld `objects`: a perception error,
+e.g. the right colour with a wrong shape), and for attribute queries the share whose region words
+("found it in the top left") are right.
 
     python -m bench.diagnose_cot --checkpoint assets/checkpoints/tiny --data data/shapeworld --split val --limit 60
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -21,6 +25,25 @@ import torch
 
 def _answer(cot: str) -> str:
     return cot.split("answer :")[-1].strip()
+
+
+def _names_no_object(answer: str, objects) -> float | None:
+    """1 when a single-object answer ("small red circle") fits no object of the scene, else 0;
+    None for empty / multi-object answers or without `objects`."""
+    words = answer.rstrip(" .").split()
+    if not objects or not words or words[0] in ("none", "0", "1", "2", "3", "4", "5", "6") or len(words) > 3:
+        return None
+    return float(not any(all(w in (o.get("shape"), o.get("color"), o.get("size")) for w in words) for o in objects))
+
+
+def _region(cot: str) -> str | None:
+    match = re.search(r"found it in the (\w+ \w+)", cot)
+    return match.group(1) if match else None
+
+
+def _share(key: str, values) -> dict:
+    values = [v for v in values if v is not None]
+    return {key: round(float(np.mean(values)), 3)} if values else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,12 +76,18 @@ def main(argv: list[str] | None = None) -> None:
                         batch.prompt_lengths)
         forced = iou(model.postprocess(out.heatmap_logits[0], out.confidence_logits[0], out.mask_logits[0],
                                        prep.valid_hw, prep.original_size).mask, gt)
-        row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced)
+        region = None
+        if s.family == "attribute" and _region(s.cot):
+            region = float(_region(trace.cot) == _region(s.cot))
+        row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced,
+               _names_no_object(_answer(trace.cot), s.objects), region)
         rows["all"].append(row)
         rows[s.family or "?"].append(row)
     report = {fam: {"count": len(r), "answer_exact_match": round(float(np.mean([x[0] for x in r])), 3),
                     "gIoU_generated": round(float(np.mean([x[1] for x in r])), 3),
-                    "gIoU_teacher_forced": round(float(np.mean([x[2] for x in r])), 3)} for fam, r in rows.items()}
+                    "gIoU_teacher_forced": round(float(np.mean([x[2] for x in r])), 3),
+                    **_share("answer_names_no_object", [x[3] for x in r]),
+                    **_share("attribute_region_words_right", [x[4] for x in r])} for fam, r in rows.items()}
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **report}, indent=2))
 
 
