@@ -238,17 +238,18 @@ class LanguageModel(nn.Module):
         bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
         return F.linear(norm(states_BTD), head.weight[ids], bias)
 
-    def single_token_ids(self, words: Sequence[str]) -> list[int] | None:
-        """The token id of each word as it appears mid-sentence (" red", or "red" for a word-level
-        tokenizer) when every word is a single token, else None."""
+    def first_token_ids(self, words: Sequence[str]) -> list[int] | None:
+        """The first token of each word as written mid-sentence (" hexagon" -> " hex" for a BPE
+        tokenizer; "hexagon" for a word-level one): what the LM writes first when it names the word.
+        None when a word is unknown to the tokenizer or two words share their first token."""
         out, unk = [], self.tokenizer.unk_token_id
         for word in words:
-            ids = [i for i in (self.tokenizer(v, add_special_tokens=False).input_ids for v in (" " + word, word))
-                   if len(i) == 1 and i[0] != unk]
-            if not ids:
+            firsts = [ids[0] for ids in (self.tokenizer(v, add_special_tokens=False).input_ids
+                                         for v in (" " + word, word)) if ids and ids[0] != unk]
+            if not firsts:
                 return None
-            out.append(ids[0][0])
-        return out
+            out.append(firsts[0])
+        return out if len(set(out)) == len(out) else None
 
     def token_text(self, token_id: int) -> str:
         if token_id in self.special_ids:

@@ -276,12 +276,13 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     torch.manual_seed(0)
     model = build_model(config, build_word_tokenizer(corpus(examples) + [" ".join(COLOURS + SHAPES + SIZES + ROWS + COLUMNS)]))
     lang = model.language
-    ids = lang.single_token_ids(SHAPES)
+    ids = lang.first_token_ids(SHAPES)
     assert ids is not None and len(set(ids)) == len(SHAPES)
     states = torch.randn(2, 3, config.lm.hidden_size)
     full = lang.lm.get_output_embeddings()(lang.lm.get_decoder().norm(states))
     assert torch.allclose(lang.word_logits(states, ids), full[..., ids], atol=1e-6)
-    assert lang.single_token_ids(["not-a-known-word-xyz"]) is None
+    assert lang.first_token_ids(["not-a-known-word-xyz"]) is None
+    assert lang.first_token_ids(["red", "red"]) is None  # two words, one first token: ambiguous
 
     batch = collate(examples[:4])
     for e in examples:  # colour, shape, size, row, column of each labelled token's object

@@ -64,11 +64,11 @@ def perception_loss(aux_head, tokens_BND: torch.Tensor, batch: Batch) -> torch.T
 
 def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
     """Token ids of the colour, shape and size words (and, with `regions`, the row and column words);
-    None unless each is a single token."""
+    the first token of each word (None if a word is unknown or two words of a group share it)."""
     from .examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
 
     groups = (COLOURS, SHAPES, SIZES) + ((ROWS, COLUMNS) if regions else ())
-    vocab = [lang.single_token_ids(words) for words in groups]
+    vocab = [lang.first_token_ids(words) for words in groups]
     return None if any(v is None for v in vocab) else vocab
 
 
@@ -79,7 +79,7 @@ def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batc
     The middle of the LM then names what each visual token shows in its own vocabulary, so a later
     layer can copy the word by attending to the token, and the SAE (which reads layer L) sees
     visual tokens and CoT words in one space. ShapeWorld only; None without `objects` or where an
-    attribute word is not a single token."""
+    attribute word is unknown to the tokenizer."""
     lang = model.language
     vocab = naming_vocab(lang, regions)
     if vocab is None or any(e.token_labels is None for e in batch.examples):
@@ -158,7 +158,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
     if cfg.naming_weight > 0 and naming_vocab(model.language, cfg.naming_regions) is None:
-        log.warning("naming loss off: an attribute word is not a single token of this tokenizer")
+        log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
     optimizer = torch.optim.AdamW(groups)
     clock = Clock(cfg.steps, cfg.minutes)
     step = resume_state(state, optimizer, clock, "sft")
