@@ -7,8 +7,9 @@ pixels that change.
 Prints JSON: per example the largest change over the top `--rows` concepts; their mean / median, the
 share of examples where some toggle moves >= 50 pixels, and the mean change over all toggles.
 Also: how much the mask leans on the reference token's state (gIoU and pixels changed when decode
-sees that state as zeros, as `ref_dropout` trains it to). `--reason` adds the same for the slow path ("Re-reason with these edits": the CoT regenerated with
-the edit spliced into layer L, then decoded), and how many of the toggles change the CoT.
+sees that state as zeros, as `ref_dropout` trains it to). `--reason` adds the same for the slow
+path ("Re-reason with these edits": the CoT regenerated with the edit spliced into layer L, then
+decoded), and how many of the toggles change the CoT.
 """
 
 from __future__ import annotations

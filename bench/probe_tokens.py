@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
     with torch.no_grad():
         names = ("colour", "shape", "size")
-        report = {"checkpoint": args.checkpoint, "train_examples": len(train), "held_out": f"{args.split} ({len(held)})",
+        report = {"checkpoint": args.checkpoint, "train_examples": len(train),
+                  "held_out": f"{args.split} ({len(held)})",
                   "labelled_tokens_held_out": int((y_held[:, 0] >= 0).sum()),
                   "train_accuracy": dict(zip(names, scores(x_train, y_train)[1])),
                   "held_out_accuracy": dict(zip(names, scores(x_held, y_held)[1]))}

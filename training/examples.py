@@ -36,8 +36,8 @@ class Example:
     target_mask: torch.Tensor  # [N, 4h, 4w] float16 soft targets in the padded frame
     target_heat: torch.Tensor  # [N, h, w] float16
     boxes: str  # "box : x0 y0 x1 y1 ..." words for the box_text baseline ("" when no target)
-    token_labels: torch.Tensor | None = None  # [Nv, 5] long (colour, shape, size, row, column) of the object under each
-    # visual token, -100 where none (ShapeWorld only: the auxiliary perception loss of the tiny SFT)
+    token_labels: torch.Tensor | None = None  # [Nv, 5] long (colour, shape, size, row, column) of the object
+    # under each visual token, -100 where none (ShapeWorld only: the perception and naming losses of the SFT)
 
 
 @dataclass

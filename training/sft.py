@@ -74,8 +74,9 @@ def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
 
 def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch, regions: bool = False
                 ) -> torch.Tensor | None:
-    """Cross-entropy of the colour / shape / size (and row / column) words of the object under each visual token, read
-    from that token's layer-L state through the LM's own final norm and unembedding (logit lens).
+    """Cross-entropy of the colour / shape / size (and row / column) words of the object under each
+    visual token, read from that token's layer-L state through the LM's own final norm and
+    unembedding (logit lens).
     The middle of the LM then names what each visual token shows in its own vocabulary, so a later
     layer can copy the word by attending to the token, and the SAE (which reads layer L) sees
     visual tokens and CoT words in one space. ShapeWorld only; None without `objects` or where an
