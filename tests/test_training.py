@@ -269,7 +269,7 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     from segcompass.presets import get_preset
     from segcompass.tokenizer import build_word_tokenizer
     from training.examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, collate, corpus, load_examples
-    from training.sft import naming_loss, teacher_forced
+    from training.sft import naming_loss, naming_vocab, teacher_forced
 
     config = get_preset("tiny")
     examples = load_examples(data, "train", config, cache=False)
@@ -291,9 +291,9 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
         assert e.token_labels.shape[1] == 5 and len(named) and (named >= 0).all()
         assert (named.max(0).values < torch.tensor([len(COLOURS), len(SHAPES), len(SIZES), 3, 3])).all()
     out, packed = teacher_forced(model, batch, torch.device("cpu"), "segcompass")
-    loss = naming_loss(model, out.hook_states, packed.ids, batch)
+    loss = naming_loss(model, out.hook_states, packed.ids, batch, naming_vocab(lang))
     assert loss is not None and torch.isfinite(loss) and loss > 0
-    with_regions = naming_loss(model, out.hook_states, packed.ids, batch, regions=True)
+    with_regions = naming_loss(model, out.hook_states, packed.ids, batch, naming_vocab(lang, regions=True))
     assert with_regions is not None and not torch.isclose(with_regions, loss)
     model.zero_grad()
     loss.backward()
@@ -308,4 +308,4 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     # Without ShapeWorld objects there is nothing to name.
     no_labels = collate([e.__class__(**{**e.__dict__, "token_labels": None}) for e in examples[:2]])
     out, packed = teacher_forced(model, no_labels, torch.device("cpu"), "segcompass")
-    assert naming_loss(model, out.hook_states, packed.ids, no_labels) is None
+    assert naming_loss(model, out.hook_states, packed.ids, no_labels, naming_vocab(lang)) is None

@@ -72,18 +72,17 @@ def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
     return None if any(v is None for v in vocab) else vocab
 
 
-def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch, regions: bool = False
+def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch, vocab: list[list[int]]
                 ) -> torch.Tensor | None:
     """Cross-entropy of the colour / shape / size (and row / column) words of the object under each
     visual token, read from that token's layer-L state through the LM's own final norm and
     unembedding (logit lens).
     The middle of the LM then names what each visual token shows in its own vocabulary, so a later
     layer can copy the word by attending to the token, and the SAE (which reads layer L) sees
-    visual tokens and CoT words in one space. ShapeWorld only; None without `objects` or where an
-    attribute word is unknown to the tokenizer."""
+    visual tokens and CoT words in one space. `vocab`: `naming_vocab` of the LM (computed once per
+    run). ShapeWorld only; None without `objects`."""
     lang = model.language
-    vocab = naming_vocab(lang, regions)
-    if vocab is None or any(e.token_labels is None for e in batch.examples):
+    if any(e.token_labels is None for e in batch.examples):
         return None
     labels = torch.stack([e.token_labels[:, :len(vocab)] for e in batch.examples]).to(hook_BTD.device)
     states = hook_BTD[ids_BT.to(hook_BTD.device) == lang.image_id].view(*labels.shape[:2], -1)  # [B, Nv, D]
@@ -96,7 +95,8 @@ def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batc
     return torch.stack(losses).mean() if losses else None
 
 
-def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=None) -> tuple[torch.Tensor, dict]:
+    """`vocab` (the `naming_vocab` of the LM) switches the naming loss on when cfg.naming_weight > 0."""
     vision_out = model.vision(batch.pixels.to(device))
     out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
     ce = completion_ce(out.lm_logits, packed, device)
@@ -107,8 +107,8 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None) -> tupl
         if aux is not None:
             loss = loss + cfg.aux_weight * aux
             stats["aux"] = float(aux.detach())
-    if cfg.naming_weight > 0:
-        naming = naming_loss(model, out.hook_states, packed.ids, batch, cfg.naming_regions)
+    if cfg.naming_weight > 0 and vocab is not None:
+        naming = naming_loss(model, out.hook_states, packed.ids, batch, vocab)
         if naming is not None:
             loss = loss + cfg.naming_weight * naming
             stats["name"] = float(naming.detach())
@@ -147,7 +147,10 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     model.train()
     set_trainable(model, "sft")
     batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
-    probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"))
+    vocab = naming_vocab(model.language, cfg.naming_regions) if cfg.naming_weight > 0 else None
+    if cfg.naming_weight > 0 and vocab is None:
+        log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
+    probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"), vocab=vocab)
     freeze_unused(model, probe)
     groups = param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay)
     aux_head = None
@@ -158,8 +161,6 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
             accelerator.device)
         groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
                        "name": "aux"})
-    if cfg.naming_weight > 0 and naming_vocab(model.language, cfg.naming_regions) is None:
-        log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
     optimizer = torch.optim.AdamW(groups)
     clock = Clock(cfg.steps, cfg.minutes)
     step = resume_state(state, optimizer, clock, "sft")
@@ -172,7 +173,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         batch = collate([examples[i] for i in batches.at(step)])
         with accelerator.autocast():  # a no-op unless mixed_precision is set
-            loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head)
+            loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head, vocab)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
