@@ -150,7 +150,7 @@ class HFCausalLM(nn.Module):
         return new_in
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=False, **_):
+                past_key_values=None, use_cache=False, logits_to_keep: int = 0, **_):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         if inputs_embeds is None:
@@ -160,7 +160,8 @@ class HFCausalLM(nn.Module):
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, use_cache=use_cache)
         hidden = out.last_hidden_state  # [B, T, D], after the final norm
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), hidden_states=(hidden,),
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        return CausalLMOutputWithPast(logits=self.lm_head(kept), hidden_states=(hidden,),
                                       past_key_values=out.past_key_values)
 
 

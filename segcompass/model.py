@@ -115,6 +115,7 @@ class SegCompass(nn.Module):
         vision_out: tuple[torch.Tensor, torch.Tensor] | None = None,
         ref_dropout: float = 0.0,
         ref_shuffle: float = 0.0,
+        logits_to_keep: int = 0,
     ) -> ForwardOutput:
         """Right-padded sequences (prompt + completion). The reference token used is the first one
         after the prompt; where there is none, the last real token stands in. `vision_out`, when
@@ -123,11 +124,12 @@ class SegCompass(nn.Module):
         so the slots must carry the target through the SAE concepts (what concept edits act on).
         `ref_shuffle` (training): the share of rows whose heads get another row's reference state
         (the batch rolled by one), so that where the concepts and that state disagree, as after a
-        concept edit, the heads follow the concepts."""
+        concept edit, the heads follow the concepts. `logits_to_keep` > 0: LM logits for the last k
+        positions only (training losses need the completion's, not the prompt's)."""
         tokens, feats = vision_out if vision_out is not None else self.vision(pixels_B3SS)
         embeds = self.language.embed(ids_BT, tokens)
         positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
-        step = self.language.step(embeds, attention_mask_BT, positions)
+        step = self.language.step(embeds, attention_mask_BT, positions, logits_to_keep=logits_to_keep)
         pad = attention_mask_BT == 0
         codes = self.codes_from_states(step.hook, pad)
         ref_pos = self.reference_positions(ids_BT, attention_mask_BT, prompt_lengths_B)

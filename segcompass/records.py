@@ -120,7 +120,7 @@ class Prediction:
 class ForwardOutput:
     """The batch forward pass (training). B batch, T tokens, V vocab, K slots, h x w heatmap grid."""
 
-    lm_logits: torch.Tensor  # [B, T, V]
+    lm_logits: torch.Tensor  # [B, T, V]; with forward(logits_to_keep=k > 0) the last k positions [B, k, V]
     codes: torch.Tensor  # [B, T, F] thresholded SAE codes (padding zeroed)
     heatmap_logits: torch.Tensor  # [B, K, h, w]
     mask_logits: torch.Tensor  # [B, K, 4h, 4w] in the padded model-input frame

@@ -309,3 +309,32 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     no_labels = collate([e.__class__(**{**e.__dict__, "token_labels": None}) for e in examples[:2]])
     out, packed = teacher_forced(model, no_labels, torch.device("cpu"), "segcompass")
     assert naming_loss(model, out.hook_states, packed.ids, no_labels, naming_vocab(lang)) is None
+
+
+def test_completion_logits_only_give_the_same_loss_and_heads(data):
+    """Training computes LM logits only from the last prompt position on: the completion loss, the
+    hook states and the mask path equal those of the full pass."""
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import collate, corpus, load_examples
+    from training.sft import completion_ce, teacher_forced
+
+    config = get_preset("tiny")
+    examples = load_examples(data, "train", config, cache=False)
+    torch.manual_seed(0)
+    model = build_model(config, build_word_tokenizer(corpus(examples))).eval()
+    batch = collate(examples[:4])
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        full, packed = teacher_forced(model, batch, cpu, "segcompass", logits="all")
+        kept, _ = teacher_forced(model, batch, cpu, "segcompass", logits="completion")
+        last, _ = teacher_forced(model, batch, cpu, "segcompass", logits="none")
+    T = packed.ids.shape[1]
+    assert full.lm_logits.shape[1] == T and kept.lm_logits.shape[1] == T - int(packed.prompt_lengths.min()) + 1
+    assert last.lm_logits.shape[1] == 1
+    assert torch.allclose(kept.lm_logits, full.lm_logits[:, -kept.lm_logits.shape[1]:], atol=1e-5)
+    assert torch.allclose(completion_ce(kept.lm_logits, packed, cpu), completion_ce(full.lm_logits, packed, cpu),
+                          atol=1e-5)
+    for a, b in ((full.mask_logits, last.mask_logits), (full.hook_states, kept.hook_states)):
+        assert torch.allclose(a, b, atol=1e-5)

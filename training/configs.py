@@ -115,20 +115,25 @@ STAGE_CONFIGS = {"sft": SFTConfig, "sae": SAEStageConfig, "joint": JointConfig}
 # Named stage presets (the shipped tiny checkpoint is trained with these).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # The smol model (SmolLM2-135M + LoRA, frozen EfficientNet-Lite0) on 2 CPU cores: bf16 autocast,
-    # a LoRA-sized learning rate, small batches, frequent checkpoints (runs take hours; they resume).
+    # The smol model (SmolLM2-135M + LoRA, frozen EfficientNet-Lite0) on 2 CPU cores: bf16 autocast
+    # (the LM's frozen weights stored in bf16), LoRA at 0.2 x the from-scratch parts' lr, the
+    # auxiliary perception and naming losses, SAE on per-dimension standardised residuals, frequent
+    # checkpoints (runs take hours; they resume).
     "smol": {
-        "sft": dict(preset="smol", lr=5e-4, batch_size=8, steps=4000, minutes=90.0, warmup_steps=30,
-                    save_every=25, conf_weight=1.0, mixed_precision="bf16"),
-        "sae": dict(limit=1000, compare=False, minutes=2.0),
-        "joint": dict(steps=1000, minutes=30.0, batch_size=8, save_every=25, mixed_precision="bf16"),
+        "sft": dict(preset="smol", lr=1.5e-3, lr_adapters=0.2, batch_size=16, steps=20000, minutes=75.0,
+                    warmup_steps=50, save_every=50, conf_weight=1.0, aux_weight=1.0, naming_weight=1.0,
+                    mixed_precision="bf16"),
+        "sae": dict(limit=1000, compare=False, minutes=2.0, normalize="dim"),
+        "joint": dict(steps=20000, minutes=15.0, batch_size=16, prompts=4, group_size=4, grpo_every=4, lr=1e-4,
+                      ref_dropout=0.5, save_every=25, mixed_precision="bf16"),
     },
     # The smol model on one GPU (bf16): LoRA at 0.2 x the from-scratch parts' lr, larger batches,
     # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual
     # stream has a few huge dimensions that otherwise dominate the reconstruction and kill latents).
     "smol-gpu": {
         "sft": dict(preset="smol", lr=1.5e-3, lr_adapters=0.2, batch_size=32, steps=20000, minutes=4.0,
-                    warmup_steps=50, save_every=250, conf_weight=1.0, aux_weight=1.0, mixed_precision="bf16"),
+                    warmup_steps=50, save_every=250, conf_weight=1.0, aux_weight=1.0, naming_weight=1.0,
+                    mixed_precision="bf16"),
         "sae": dict(limit=2000, compare=False, minutes=0.5, normalize="dim"),
         "joint": dict(steps=20000, minutes=2.0, batch_size=32, prompts=8, group_size=4, grpo_every=4, lr=1e-4,
                       save_every=250, mixed_precision="bf16"),

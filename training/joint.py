@@ -24,7 +24,7 @@ from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
 from .grpo import group_advantages, grpo_loss, token_logprobs
 from .losses import seg_losses
-from .parts import freeze_unused, param_groups, set_trainable
+from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 from .rewards import format_reward, mask_score, total_reward
 from .sft import completion_ce, teacher_forced
 
@@ -41,7 +41,7 @@ def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torc
     with torch.no_grad():
         vision_out = model.vision(batch.pixels.to(device))
     out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out,
-                            ref_dropout=cfg.ref_dropout, ref_shuffle=cfg.ref_shuffle)
+                            ref_dropout=cfg.ref_dropout, ref_shuffle=cfg.ref_shuffle, logits="none")
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}
@@ -126,6 +126,8 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     out, packed = teacher_forced(model, probe_batch, device, model.config.head)
     probe = _seg(out, probe_batch.target_heat, probe_batch.target_mask, cfg, device)
     freeze_unused(model, probe.seg + probe.confidence + completion_ce(out.lm_logits, packed, device))
+    cast_external_language(model, cfg.mixed_precision)
+    cast_external_language(ref_model, cfg.mixed_precision)
     optimizer = torch.optim.AdamW(param_groups(model, "joint", cfg.lr, cfg, weight_decay=0.0))
     clock = Clock(cfg.steps, cfg.minutes)
     step = resume_state(state, optimizer, clock, "joint")
@@ -140,7 +142,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     while not clock.done(step):
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         is_grpo = cfg.grpo_every > 0 and step % cfg.grpo_every == cfg.grpo_every - 1
-        with accelerator.autocast():  # a no-op unless mixed_precision is set
+        with accelerator.autocast(), attention_kernel(device):  # autocast: no-op unless mixed_precision is set
             if is_grpo:
                 batch = collate([examples[i] for i in prompts.at(n_grpo + step)])
                 loss, stats = rollout_step(inner, ref_model, batch, cfg, device, generator)

@@ -51,6 +51,32 @@ def set_trainable(model, stage: str) -> None:
     freeze_external(model)
 
 
+def cast_external_language(model, mixed_precision: str) -> int:
+    """Under bf16 mixed precision, keep the language model's package weights (frozen, never saved)
+    in bf16; returns how many tensors were cast.
+
+    Autocast otherwise re-casts every fp32 weight on every call: on a smol SFT step of 8 on 2 CPU
+    cores that copying was 0.9 s of 4 s. Checkpoints are unaffected (they never hold these weights,
+    and a loaded model gets fp32 ones from the package again)."""
+    if mixed_precision != "bf16":
+        return 0
+    skip = tuple(getattr(model.language, "external_prefixes", ()))
+    cast = [p for n, p in model.named_parameters() if not p.requires_grad and any(n.startswith(s) for s in skip)]
+    for p in cast:
+        p.data = p.data.to(torch.bfloat16)
+    return len(cast)
+
+
+def attention_kernel(device: torch.device):
+    """Context for training steps: PyTorch's math attention on CPU, whose backward was faster than
+    the CPU flash kernel's for our ~150-token sequences (smol SFT step of 16: 4.5 s vs 5.0 s)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+
+
 def freeze_unused(model, loss: torch.Tensor) -> list[str]:
     """Backpropagate a probe loss and freeze trainable parameters it never reaches (e.g. SAM's point
     embeddings when only mask prompts are used, or the multimask output heads whose outputs are

@@ -39,7 +39,7 @@ def cache_activations(model, examples, batch_size: int = 32) -> tuple[torch.Tens
     acts, owner = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc="cache layer-L activations", unit="batch"):
         chunk = examples[start: start + batch_size]
-        out, packed = teacher_forced(model, collate(chunk), device, "segcompass")
+        out, packed = teacher_forced(model, collate(chunk), device, "segcompass", logits="none")
         real = packed.attention_mask.bool()
         acts.append(out.hook_states[real.to(device)].float())
         owner.append((torch.arange(len(chunk))[:, None] + start).expand_as(real)[real])

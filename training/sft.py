@@ -19,32 +19,40 @@ from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_st
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, completion_cot, corpus, load_examples
 from .losses import seg_losses
-from .parts import freeze_unused, param_groups, set_trainable
+from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 
 log = logging.getLogger(__name__)
 
 
 def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_dropout: float = 0.0,
-                   ref_shuffle: float = 0.0):
-    """Forward the reference completions of a batch; returns (ForwardOutput, PackedBatch)."""
+                   ref_shuffle: float = 0.0, logits: str = "completion"):
+    """Forward the reference completions of a batch; returns (ForwardOutput, PackedBatch).
+
+    `logits`: "completion" computes LM logits from the last prompt position on (all that
+    `completion_ce` reads), "none" for the last position only (seg-only steps), "all" everywhere."""
     lang = model.language
     prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in batch.examples]
     comps = [lang.encode_completion(completion_cot(e, head)) for e in batch.examples]
     packed = lang.pack(prompts, comps)
+    T = packed.ids.shape[1]
+    keep = {"all": 0, "none": 1, "completion": T - int(packed.prompt_lengths.min()) + 1}[logits]
     out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
                 packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out,
-                ref_dropout=ref_dropout, ref_shuffle=ref_shuffle)
+                ref_dropout=ref_dropout, ref_shuffle=ref_shuffle, logits_to_keep=keep)
     return out, packed
 
 
-def completion_ce(logits_BTV: torch.Tensor, packed, device) -> torch.Tensor:
-    """Token-mean cross-entropy of the completion tokens (each predicted from the previous position)."""
+def completion_ce(logits_BKV: torch.Tensor, packed, device) -> torch.Tensor:
+    """Token-mean cross-entropy of the completion tokens (each predicted from the previous position).
+    `logits_BKV`: the logits of the last K positions of the packed sequences (K = T: all of them)."""
     ids = packed.ids.to(device)
-    T = ids.shape[1]
-    pos = torch.arange(1, T, device=device)[None]
-    target_mask = (pos >= packed.prompt_lengths.to(device)[:, None]) & (packed.attention_mask.to(device)[:, 1:] > 0)
-    ce = F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1]), ids[:, 1:].reshape(-1),
-                         reduction="none").view(ids.shape[0], T - 1)
+    T, K = ids.shape[1], logits_BKV.shape[1]
+    first = T - K + 1  # the first position whose token is predicted by a kept logit
+    pos = torch.arange(first, T, device=device)[None]
+    target_mask = ((pos >= packed.prompt_lengths.to(device)[:, None])
+                   & (packed.attention_mask.to(device)[:, first:] > 0))
+    ce = F.cross_entropy(logits_BKV[:, :-1].float().reshape(-1, logits_BKV.shape[-1]), ids[:, first:].reshape(-1),
+                         reduction="none").view(ids.shape[0], K - 1)
     return (ce * target_mask).sum() / target_mask.sum().clamp_min(1)
 
 
@@ -152,6 +160,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
         log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
     probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"), vocab=vocab)
     freeze_unused(model, probe)
+    if cast_external_language(model, cfg.mixed_precision):
+        log.info("bf16: the language model's frozen package weights are kept in bf16")
     groups = param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay)
     aux_head = None
     if cfg.aux_weight > 0:  # training-only head (not part of the checkpoint; a resumed run starts it afresh)
@@ -172,7 +182,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     while not clock.done(step):
         set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
         batch = collate([examples[i] for i in batches.at(step)])
-        with accelerator.autocast():  # a no-op unless mixed_precision is set
+        with accelerator.autocast(), attention_kernel(accelerator.device):  # autocast: no-op unless mixed_precision
             loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head, vocab)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
