@@ -198,6 +198,17 @@ def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft
     calibrated = SegCompass.from_pretrained(tmp_path / "final")
     assert calibrated.config.mask.confidence_threshold == result["threshold"]
 
+    from safetensors.torch import load_file
+
+    assert main(["calibrate", "--checkpoint", str(run / "model"), "--data", str(data), "--split", "test",
+                 "--out-checkpoint", str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    stored = load_file(str(tmp_path / "half" / "model.safetensors"))
+    floats = [v for v in stored.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    half = SegCompass.from_pretrained(tmp_path / "half")
+    for (name, a), b in zip(calibrated.state_dict().items(), half.state_dict().values()):
+        assert b.dtype == a.dtype and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3), name
+
 
 @pytest.mark.parametrize("normalize", ["global", "dim"])
 @pytest.mark.parametrize("kind", ["topk", "relu"])

@@ -4,7 +4,7 @@
                              [--model smol | qwen2.5-vl-7b --lm-path VLM_DIR --sam-path SAM_DIR | config.json]
     python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
     python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
-    python -m training calibrate --checkpoint runs/tiny/joint/model --data DIR --out-checkpoint runs/tiny/final
+    python -m training calibrate --checkpoint runs/tiny/joint/model --data DIR --out-checkpoint runs/tiny/final [--dtype fp16]
     python -m training eval  --checkpoint DIR --data DIR [--split val] [--limit N] [--out FILE] [--save-masks DIR]
 
 Every training stage resumes from RUN/trainer_state.pt + RUN/model/ when they exist (--fresh to restart).
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--out-checkpoint", required=True, help="where the calibrated checkpoint is written")
     c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weights of the written checkpoint (the shipped smol one is fp16)")
     c.add_argument("--batch-size", type=int, default=16, help="examples generated together (greedy, batched)")
     return p
 

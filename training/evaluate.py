@@ -91,10 +91,11 @@ def run_eval(args) -> int:
 
 
 def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limit: int | None = None,
-              out_checkpoint: str | Path | None = None, thresholds=None, batch_size: int = 16) -> dict:
+              out_checkpoint: str | Path | None = None, thresholds=None, batch_size: int = 16, dtype=None) -> dict:
     """Pick the slot confidence threshold (the one global decision rule of `decode`) on a held-out
     split: encode + decode each example once, then score the union of the slots whose confidence
-    passes each candidate threshold. Writes the checkpoint with the best threshold to out_checkpoint."""
+    passes each candidate threshold. Writes the checkpoint with the best threshold to out_checkpoint
+    (weights cast to `dtype`, e.g. torch.float16 for a shipped checkpoint; None keeps them)."""
     import dataclasses
 
     from tqdm import tqdm
@@ -127,7 +128,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
               "previous_threshold": model.config.mask.confidence_threshold}
     if out_checkpoint is not None:
         model.config = model.config.replace(mask=dataclasses.replace(model.config.mask, confidence_threshold=best))
-        model.save_pretrained(out_checkpoint)
+        model.save_pretrained(out_checkpoint, dtype=dtype)
         result["checkpoint"] = str(out_checkpoint)
     log.info("confidence threshold %.2f (val gIoU %.4f; at %.2f: %.4f)", best, sweep[best],
              result["previous_threshold"], sweep.get(result["previous_threshold"], float("nan")))
@@ -135,7 +136,10 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
 
 
 def run_calibrate(args) -> int:
+    import torch
+
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     result = calibrate(args.checkpoint, args.data, args.split, args.limit, args.out_checkpoint,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, dtype=dtype)
     print(json.dumps(result, indent=2))
     return 0
