@@ -62,3 +62,18 @@ def test_probe_reads_attributes_from_the_visual_tokens(data, capsys):
     # 50 full-batch steps on 8 scenes fit the train tokens' colours (the shipped encoder separates them).
     assert out["train_accuracy"]["colour"] > 0.8
     assert set(out["held_out_accuracy"]) == {"colour", "shape", "size"}
+
+
+def test_train_step_times_the_tiny_preset_with_and_without_the_speedups(data, capsys):
+    from bench.train_step import main
+
+    fast = run(main, ["--preset", "tiny", "--data", str(data), "--split", "train", "--batch", "2", "--steps", "2",
+                      "--threads", "1"], capsys)
+    slow = run(main, ["--preset", "tiny", "--data", str(data), "--split", "train", "--batch", "2", "--steps", "2",
+                      "--threads", "1", "--all-logits", "--flash"], capsys)
+    assert fast["logits"] == "completion" and slow["logits"] == "all" and slow["attention"] == "flash"
+    for r in (fast, slow):
+        assert r["s_per_step"] > 0 and r["s_per_example"] * 2 == pytest.approx(r["s_per_step"], rel=0.01)
+        assert r["loss_last"] == r["loss_last"] and r["loss_last"] > 0  # finite, positive
+    with pytest.raises(SystemExit, match="needed"):
+        main(["--preset", "tiny", "--data", str(data), "--split", "val", "--batch", "4", "--steps", "2"])

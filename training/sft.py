@@ -103,10 +103,12 @@ def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batc
     return torch.stack(losses).mean() if losses else None
 
 
-def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=None) -> tuple[torch.Tensor, dict]:
-    """`vocab` (the `naming_vocab` of the LM) switches the naming loss on when cfg.naming_weight > 0."""
+def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=None, logits: str = "completion"
+             ) -> tuple[torch.Tensor, dict]:
+    """`vocab` (the `naming_vocab` of the LM) switches the naming loss on when cfg.naming_weight > 0;
+    `logits`: see `teacher_forced` (benchmarks compare "all")."""
     vision_out = model.vision(batch.pixels.to(device))
-    out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out)
+    out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out, logits=logits)
     ce = completion_ce(out.lm_logits, packed, device)
     loss = cfg.lm_weight * ce
     stats = {"ce": float(ce.detach())}

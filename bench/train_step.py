@@ -1,0 +1,95 @@
+"""Time of one SFT training step (forward, backward, optimizer) for a model preset, with and
+without the training speed-ups, on real prepared examples.
+
+    python -m bench.train_step --preset smol --data data/sw30k --batch 16 --steps 5
+    python -m bench.train_step --preset smol --batch 16 --all-logits --fp32-weights --flash   # before them
+
+The speed-ups (all on by default): LM logits only from the last prompt position on (`--all-logits`
+computes them everywhere), the LM's frozen package weights kept in bf16 under bf16 autocast
+(`--fp32-weights` leaves them fp32, so autocast re-casts them every call) and math attention on CPU
+(`--flash` uses the CPU flash kernel). Prints JSON: median seconds per step and per example over
+the steps after the first (warm-up), and the stage preset's settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smol", help="stage preset (training/configs.py): tiny | smol | smol-gpu")
+    p.add_argument("--data", default="data/sw30k")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (plus one warm-up)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mixed-precision", default=None, help="override the preset's (no | bf16)")
+    p.add_argument("--all-logits", action="store_true")
+    p.add_argument("--fp32-weights", action="store_true")
+    p.add_argument("--flash", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from accelerate import Accelerator
+
+    from segcompass.build import build_model
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.configs import model_config, stage_config
+    from training.examples import collate, corpus, load_examples
+    from training.parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
+    from training.sft import naming_vocab, sft_loss
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    overrides = {"batch_size": args.batch}
+    if args.mixed_precision:
+        overrides["mixed_precision"] = args.mixed_precision
+    cfg = stage_config("sft", args.preset, overrides)
+    mc = model_config(cfg)
+    n = args.batch * (args.steps + 1)
+    examples = load_examples(args.data, args.split, mc, n)
+    if len(examples) < n:
+        raise SystemExit(f"{args.data}/{args.split} has {len(examples)} examples; {n} needed")
+    model = build_model(mc, tokenizer=build_word_tokenizer(corpus(examples))).train()
+    set_trainable(model, "sft")
+    vocab = naming_vocab(model.language) if cfg.naming_weight > 0 else None
+    cpu = torch.device("cpu")
+    logits = "all" if args.all_logits else "completion"
+    batches = [collate(examples[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps + 1)]
+    probe, _ = sft_loss(model, batches[0], cfg, cpu, vocab=vocab, logits=logits)
+    freeze_unused(model, probe)
+    if not args.fp32_weights:
+        cast_external_language(model, cfg.mixed_precision)
+    optimizer = torch.optim.AdamW(param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kernel = (lambda: contextlib.nullcontext()) if args.flash else (lambda: attention_kernel(cpu))
+    times = []
+    for batch in batches:
+        t = time.perf_counter()
+        with accelerator.autocast(), kernel():
+            loss, _ = sft_loss(model, batch, cfg, cpu, vocab=vocab, logits=logits)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times[1:])
+    result = {"preset": args.preset, "batch": args.batch, "threads": args.threads,
+              "mixed_precision": cfg.mixed_precision, "logits": logits,
+              "frozen_weights": "fp32" if args.fp32_weights or cfg.mixed_precision != "bf16" else "bf16",
+              "attention": "flash" if args.flash else "math", "steps_timed": args.steps,
+              "s_per_step": round(step, 3), "s_per_example": round(step / args.batch, 4),
+              "loss_last": round(float(loss.detach()), 4)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
