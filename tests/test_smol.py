@@ -145,3 +145,35 @@ def test_merged_adapters_generate_the_same_and_unmerge_restores(smol, scene):
     again = smol.encode(scene, "the red circle", max_new_tokens=MAX_NEW)  # W + BA - BA: rounding only
     assert torch.equal(again.token_ids, base.token_ids)
     assert torch.allclose(again.sae_error, base.sae_error, rtol=1e-4, atol=1e-3)
+
+
+def test_bf16_training_keeps_package_weights_in_bf16_and_trains_fp32_adapters(scene):
+    """Under bf16 mixed precision the LM's frozen package weights are stored in bf16 (autocast would
+    re-cast them on every call); the adapters stay fp32, get gradients, and checkpoints hold no bf16."""
+    from segcompass.build import build_model
+    from segcompass.checkpoint import checkpoint_state, external_prefixes
+    from training.parts import cast_external_language, set_trainable
+
+    torch.manual_seed(0)
+    model = build_model("smol")
+    set_trainable(model, "sft")
+    assert cast_external_language(model, "no") == 0
+    n = cast_external_language(model, "bf16")
+    lm_prefixes = tuple(model.language.external_prefixes)
+    params = dict(model.named_parameters())
+    assert n > 200 and all(p.dtype == torch.bfloat16 for k, p in params.items() if k.startswith(lm_prefixes))
+    assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for k, p in params.items()  # the vision trunk is left alone
+               if k.startswith(external_prefixes(model)) and not k.startswith(lm_prefixes))
+    lang = model.language
+    prep = model.prepare(scene)
+    batch = lang.pack([lang.build_prompt("the red circle", model.num_visual)], [lang.encode_completion("a red circle")])
+    model.train()
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                    batch.prompt_lengths, logits_to_keep=4)
+        assert out.lm_logits.shape[1] == 4
+        (out.lm_logits.float().logsumexp(-1).mean() + out.mask_logits.float().sigmoid().mean()).backward()
+    lora = [p for k, p in params.items() if "lora_B" in k and "layers.29." in k]  # A: zero grad while B = 0
+    assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in lora)
+    assert not any(t.dtype == torch.bfloat16 for t in checkpoint_state(model).values())
