@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     from segcompass.tokenizer import build_word_tokenizer
     from training.configs import model_config, stage_config
     from training.examples import collate, corpus, load_examples
-    from training.parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
-    from training.sft import naming_vocab, sft_loss
+    from training.parts import attention_kernel, set_trainable
+    from training.sft import sft_loss, sft_setup
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,15 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.data}/{args.split} has {len(examples)} examples; {n} needed")
     model = build_model(mc, tokenizer=build_word_tokenizer(corpus(examples))).train()
     set_trainable(model, "sft")
-    vocab = naming_vocab(model.language) if cfg.naming_weight > 0 else None
     cpu = torch.device("cpu")
     logits = "all" if args.all_logits else "completion"
     batches = [collate(examples[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps + 1)]
-    probe, _ = sft_loss(model, batches[0], cfg, cpu, vocab=vocab, logits=logits)
-    freeze_unused(model, probe)
-    if not args.fp32_weights:
-        cast_external_language(model, cfg.mixed_precision)
-    optimizer = torch.optim.AdamW(param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay))
+    optimizer, aux_head, vocab = sft_setup(model, cfg, batches[0], cpu, cast_weights=not args.fp32_weights)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     model, optimizer = accelerator.prepare(model, optimizer)
     kernel = (lambda: contextlib.nullcontext()) if args.flash else (lambda: attention_kernel(cpu))
@@ -75,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in batches:
         t = time.perf_counter()
         with accelerator.autocast(), kernel():
-            loss, _ = sft_loss(model, batch, cfg, cpu, vocab=vocab, logits=logits)
+            loss, _ = sft_loss(model, batch, cfg, cpu, aux_head, vocab, logits=logits)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()

@@ -55,8 +55,8 @@ def cast_external_language(model, mixed_precision: str) -> int:
     """Under bf16 mixed precision, keep the language model's package weights (frozen, never saved)
     in bf16; returns how many tensors were cast.
 
-    Autocast otherwise re-casts every fp32 weight on every call: on a smol SFT step of 8 on 2 CPU
-    cores that copying was 0.9 s of 4 s. Checkpoints are unaffected (they never hold these weights,
+    Autocast otherwise re-casts every fp32 weight on every call (about a fifth of a smol SFT step
+    on 2 CPU cores under torch.profiler; `python -m bench.train_step --fp32-weights` times it). Checkpoints are unaffected (they never hold these weights,
     and a loaded model gets fp32 ones from the package again)."""
     if mixed_precision != "bf16":
         return 0
@@ -69,7 +69,7 @@ def cast_external_language(model, mixed_precision: str) -> int:
 
 def attention_kernel(device: torch.device):
     """Context for training steps: PyTorch's math attention on CPU, whose backward was faster than
-    the CPU flash kernel's for our ~150-token sequences (smol SFT step of 16: 4.5 s vs 5.0 s)."""
+    the CPU flash kernel's for our ~150-token sequences (`python -m bench.train_step --flash` compares)."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

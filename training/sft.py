@@ -132,6 +132,29 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=N
     return loss, stats
 
 
+def sft_setup(model, cfg: SFTConfig, probe_batch: Batch, device, cast_weights: bool = True):
+    """Everything between choosing what trains and the first step, shared by `run_sft` and
+    `bench.train_step`: the naming vocabulary, freezing what a probe loss never reaches, the bf16
+    package weights (`cast_weights`), the optimizer and the training-only perception head.
+    Returns (optimizer, aux_head or None, vocab or None)."""
+    vocab = naming_vocab(model.language, cfg.naming_regions) if cfg.naming_weight > 0 else None
+    if cfg.naming_weight > 0 and vocab is None:
+        log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
+    probe, _ = sft_loss(model, probe_batch, cfg, torch.device("cpu"), vocab=vocab)
+    freeze_unused(model, probe)
+    if cast_weights and cast_external_language(model, cfg.mixed_precision):
+        log.info("bf16: the language model's frozen package weights are kept in bf16")
+    groups = param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay)
+    aux_head = None
+    if cfg.aux_weight > 0:  # training-only head (not part of the checkpoint; a resumed run starts it afresh)
+        from .examples import COLOURS, SHAPES, SIZES
+
+        aux_head = torch.nn.Linear(model.vision.token_dim, len(COLOURS) + len(SHAPES) + len(SIZES)).to(device)
+        groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
+                       "name": "aux"})
+    return torch.optim.AdamW(groups), aux_head, vocab
+
+
 def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None, model=None) -> Path:
     """Train (or resume) SFT in run_dir; `model` optionally supplies the fresh model (tests)."""
     from accelerate import Accelerator
@@ -157,23 +180,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     model.train()
     set_trainable(model, "sft")
     batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
-    vocab = naming_vocab(model.language, cfg.naming_regions) if cfg.naming_weight > 0 else None
-    if cfg.naming_weight > 0 and vocab is None:
-        log.warning("naming loss off: an attribute word is unknown to this tokenizer, or two share a first token")
-    probe, _ = sft_loss(model, collate([examples[i] for i in batches.at(0)]), cfg, torch.device("cpu"), vocab=vocab)
-    freeze_unused(model, probe)
-    if cast_external_language(model, cfg.mixed_precision):
-        log.info("bf16: the language model's frozen package weights are kept in bf16")
-    groups = param_groups(model, "sft", cfg.lr, cfg, weight_decay=cfg.weight_decay)
-    aux_head = None
-    if cfg.aux_weight > 0:  # training-only head (not part of the checkpoint; a resumed run starts it afresh)
-        from .examples import COLOURS, SHAPES, SIZES
-
-        aux_head = torch.nn.Linear(model.vision.token_dim, len(COLOURS) + len(SHAPES) + len(SIZES)).to(
-            accelerator.device)
-        groups.append({"params": list(aux_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0,
-                       "name": "aux"})
-    optimizer = torch.optim.AdamW(groups)
+    optimizer, aux_head, vocab = sft_setup(model, cfg, collate([examples[i] for i in batches.at(0)]),
+                                           accelerator.device)
     clock = Clock(cfg.steps, cfg.minutes)
     step = resume_state(state, optimizer, clock, "sft")
     model, optimizer = accelerator.prepare(model, optimizer)
