@@ -24,6 +24,10 @@ class VisionConfig:
     feature_grid: int = 16  # mask-path image features are feature_grid x feature_grid
     width: int = 128  # channels of the tiny trunk's last stage (tiny_cnn only)
     frozen: bool = False  # frozen pretrained encoders are never updated
+    # efficientnet_lite0 only: "head" = the trunk's 1280-d head pooled to the token grid (smol runs 1-3);
+    # "multiscale" = a trained token neck over the head, stride-32/16/8 maps and patch colour statistics.
+    tokens: str = "head"
+    token_width: int = 512  # channels of the "multiscale" token neck (= visual token dim)
 
 
 @dataclass(frozen=True)

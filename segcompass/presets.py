@@ -15,7 +15,8 @@ PRESETS: dict[str, SegCompassConfig] = {
     # The shipped default: SmolLM2-135M-Instruct + LoRA, EfficientNet-Lite0 frozen + projector.
     "smol": SegCompassConfig(
         preset="smol",
-        vision=VisionConfig(kind="efficientnet_lite0", image_size=256, token_grid=8, feature_grid=32, frozen=True),
+        vision=VisionConfig(kind="efficientnet_lite0", image_size=256, token_grid=8, feature_grid=32, frozen=True,
+                            tokens="multiscale"),
         lm=LMConfig(
             kind="smollm2", hidden_size=576, num_layers=30, num_heads=9, intermediate_size=1536,
             max_positions=2048, hook_layer=15, max_new_tokens=64, lora_rank=16,

@@ -56,12 +56,13 @@ def test_preset_numbers_match_smollm2_and_only_adapters_train(smol):
     ids = tok("<image> <image> <think> x </think> <REF_POS>", add_special_tokens=False).input_ids
     assert tok.convert_ids_to_tokens(ids) == ["<image>", "<image>", "<think>", "Ġx", "</think>", "<REF_POS>"]
     assert lm.get_input_embeddings().weight.shape[0] == len(tok) == 49156
-    # Vision: frozen trunk, always in eval mode; projector 1280 -> 576.
+    # Vision: frozen trunk, always in eval mode; a trained multiscale token neck (512-d); projector 512 -> 576.
     smol.train()
     assert not smol.vision.backbone.training and smol.language.training
     smol.eval()
     assert not any(p.requires_grad for p in smol.vision.backbone.parameters())
-    assert smol.vision.token_dim == 1280 and smol.language.projector[0].in_features == 1280
+    assert smol.vision.token_dim == 512 and smol.language.projector[0].in_features == 512
+    assert all(p.requires_grad for p in smol.vision.token_neck.parameters())
 
 
 def test_encode_decode_and_an_edit_changes_heatmaps(smol, scene):
