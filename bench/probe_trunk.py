@@ -26,14 +26,14 @@ DEFAULT_SETS = ("head", "stride32", "stride16.avg", "stride16.max", "stride8.max
 def _taps(backbone, pixels: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
     """Every probed map pooled to grid x grid, as [B * grid², C]."""
     from segcompass.backbones.efficientnet_lite import PIXEL_MEAN, PIXEL_STD
-    from segcompass.vision_efficientnet import _pool
+    from segcompass.vision_efficientnet import pool_to_grid
 
     feats = backbone.features((pixels * 255.0 - PIXEL_MEAN) / PIXEL_STD)
-    out = {"head": _pool(feats["head"], grid, "avg"), "stride32": _pool(feats["stride32"], grid, "avg"),
-           "pixels": torch.cat([_pool(pixels, grid, how) for how in ("avg", "max", "min")], dim=1)}
+    out = {"head": pool_to_grid(feats["head"], grid, "avg"), "stride32": pool_to_grid(feats["stride32"], grid, "avg"),
+           "pixels": torch.cat([pool_to_grid(pixels, grid, how) for how in ("avg", "max", "min")], dim=1)}
     for name in ("stride16", "stride8"):
         for how in ("avg", "max"):
-            out[f"{name}.{how}"] = _pool(feats[name], grid, how)
+            out[f"{name}.{how}"] = pool_to_grid(feats[name], grid, how)
     return {k: v.flatten(2).transpose(1, 2).reshape(-1, v.shape[1]) for k, v in out.items()}
 
 

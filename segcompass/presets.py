@@ -12,7 +12,7 @@ PAPER_MASK = MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_head
 PRESETS: dict[str, SegCompassConfig] = {
     # Tests, CI and the first shipped checkpoint: trains in minutes on 2 CPU cores.
     "tiny": SegCompassConfig(preset="tiny"),
-    # The shipped default: SmolLM2-135M-Instruct + LoRA, EfficientNet-Lite0 frozen + projector.
+    # The intended default (shipped once it beats tiny): SmolLM2-135M-Instruct + LoRA, EfficientNet-Lite0 frozen + token neck + projector.
     "smol": SegCompassConfig(
         preset="smol",
         vision=VisionConfig(kind="efficientnet_lite0", image_size=256, token_grid=8, feature_grid=32, frozen=True,

@@ -39,7 +39,7 @@ NECK_INPUTS = ("stride8", "stride16", "stride32")
 TOKEN_TAPS = (("stride32", ("avg",)), ("stride16", ("avg",)), ("stride8", ("avg", "max")))
 
 
-def _pool(x: torch.Tensor, grid: int, how: str) -> torch.Tensor:
+def pool_to_grid(x: torch.Tensor, grid: int, how: str) -> torch.Tensor:
     if how == "avg":
         return F.adaptive_avg_pool2d(x, grid)
     if how == "max":
@@ -94,8 +94,8 @@ class EfficientNetVisionEncoder(nn.Module):
         g = self.token_grid
         if self.multiscale:
             maps = [F.adaptive_avg_pool2d(feats["head"], g)]
-            maps += [_pool(feats[name], g, how) for name, poolings in TOKEN_TAPS for how in poolings]
-            maps += [_pool(pixels_B3SS, g, how) for how in ("avg", "max", "min")]  # patch colour statistics
+            maps += [pool_to_grid(feats[name], g, how) for name, poolings in TOKEN_TAPS for how in poolings]
+            maps += [pool_to_grid(pixels_B3SS, g, how) for how in ("avg", "max", "min")]  # patch colour statistics
             grid = self.token_neck(torch.cat(maps, dim=1)) + self.pos  # [B, token_width, g, g]
         else:
             grid = F.adaptive_avg_pool2d(feats["head"], g) + self.pos  # [B, 1280, g, g]
