@@ -29,6 +29,17 @@ def _features(model, examples, batch_size: int = 64) -> tuple[torch.Tensor, torc
     return torch.cat(feats), torch.cat(labels)
 
 
+def labelled_examples(data: str, split: str, config, n_train: int) -> tuple[list, list]:
+    """The first `n_train` train examples and all of `split`, each with per-token object labels."""
+    from training.examples import load_examples
+
+    train = load_examples(data, "train", config, limit=n_train, cache=False)
+    held = load_examples(data, split, config, cache=False)
+    if any(e.token_labels is None for e in train + held):
+        raise SystemExit("the probe needs ShapeWorld `objects` in every example")
+    return train, held
+
+
 def fit_probe(x_train, y_train, x_held, y_held, steps: int = 400) -> tuple[dict, dict]:
     """A linear probe (features standardised on train, full-batch Adam) for colour, shape and size;
     returns (train, held-out) accuracy per attribute. Rows labelled -100 everywhere are dropped."""
@@ -74,13 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     from segcompass.model import SegCompass
-    from training.examples import load_examples
 
     model = SegCompass.from_pretrained(args.checkpoint).eval()
-    train = load_examples(args.data, "train", model.config, limit=args.train, cache=False)
-    held = load_examples(args.data, args.split, model.config, cache=False)
-    if any(e.token_labels is None for e in train + held):
-        raise SystemExit("the probe needs ShapeWorld `objects` in every example")
+    train, held = labelled_examples(args.data, args.split, model.config, args.train)
     x_train, y_train = _features(model, train)
     x_held, y_held = _features(model, held)
     train_acc, held_acc = fit_probe(x_train, y_train, x_held, y_held, args.steps)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from bench.probe_tokens import fit_probe
+from bench.probe_tokens import fit_probe, labelled_examples
 
 DEFAULT_SETS = ("head", "stride32", "stride16.avg", "stride16.max", "stride8.max", "pixels",
                 "head+stride32+stride16.avg+stride8.avg+stride8.max",
@@ -66,13 +66,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from segcompass.backbones.efficientnet_lite import load_efficientnet_lite0
     from segcompass.presets import get_preset
-    from training.examples import load_examples
 
     config = get_preset("smol")
-    train = load_examples(args.data, "train", config, limit=args.train, cache=False)
-    held = load_examples(args.data, args.split, config, cache=False)
-    if any(e.token_labels is None for e in train + held):
-        raise SystemExit("the probe needs ShapeWorld `objects` in every example")
+    train, held = labelled_examples(args.data, args.split, config, args.train)
     backbone = load_efficientnet_lite0(pretrained=True).eval()
     x_train, y_train = _collect(backbone, train, config.vision.token_grid)
     x_held, y_held = _collect(backbone, held, config.vision.token_grid)

@@ -92,13 +92,12 @@ class EfficientNetVisionEncoder(nn.Module):
     def forward(self, pixels_B3SS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.trunk(pixels_B3SS)
         g = self.token_grid
+        grid = F.adaptive_avg_pool2d(feats["head"], g)  # [B, 1280, g, g]
         if self.multiscale:
-            maps = [F.adaptive_avg_pool2d(feats["head"], g)]
-            maps += [pool_to_grid(feats[name], g, how) for name, poolings in TOKEN_TAPS for how in poolings]
+            maps = [grid] + [pool_to_grid(feats[name], g, how) for name, poolings in TOKEN_TAPS for how in poolings]
             maps += [pool_to_grid(pixels_B3SS, g, how) for how in ("avg", "max", "min")]  # patch colour statistics
-            grid = self.token_neck(torch.cat(maps, dim=1)) + self.pos  # [B, token_width, g, g]
-        else:
-            grid = F.adaptive_avg_pool2d(feats["head"], g) + self.pos  # [B, 1280, g, g]
+            grid = self.token_neck(torch.cat(maps, dim=1))  # [B, token_width, g, g]
+        grid = grid + self.pos
         tokens = grid.flatten(2).transpose(1, 2)  # [B, Nv, C], row-major like patch_boxes
         size = (self.feature_grid, self.feature_grid)
         maps = [
