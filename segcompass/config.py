@@ -28,6 +28,9 @@ class VisionConfig:
     # "multiscale" = a trained token neck over the head, stride-32/16/8 maps and patch colour statistics.
     tokens: str = "head"
     token_width: int = 512  # channels of the "multiscale" token neck (= visual token dim)
+    # efficientnet_lite0 only: the mask-path neck also reads each feature cell's pixel colour statistics
+    # (avg / max / min); False keeps the smol run 1-4 checkpoints loading.
+    mask_pixels: bool = False
 
 
 @dataclass(frozen=True)

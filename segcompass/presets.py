@@ -12,11 +12,12 @@ PAPER_MASK = MaskConfig(dim=256, heatmap_heads=4, decoder_layers=2, decoder_head
 PRESETS: dict[str, SegCompassConfig] = {
     # Tests, CI and the first shipped checkpoint: trains in minutes on 2 CPU cores.
     "tiny": SegCompassConfig(preset="tiny"),
-    # The intended default (shipped once it beats tiny): SmolLM2-135M-Instruct + LoRA, EfficientNet-Lite0 frozen + token neck + projector.
+    # The intended default (shipped once it beats tiny): SmolLM2-135M-Instruct + LoRA, EfficientNet-Lite0 frozen + token neck + projector;
+    # the mask path reads the pixels' colour statistics too (smol run 5 on).
     "smol": SegCompassConfig(
         preset="smol",
         vision=VisionConfig(kind="efficientnet_lite0", image_size=256, token_grid=8, feature_grid=32, frozen=True,
-                            tokens="multiscale"),
+                            tokens="multiscale", mask_pixels=True),
         lm=LMConfig(
             kind="smollm2", hidden_size=576, num_layers=30, num_heads=9, intermediate_size=1536,
             max_positions=2048, hook_layer=15, max_new_tokens=64, lora_rank=16,

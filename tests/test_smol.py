@@ -178,3 +178,43 @@ def test_bf16_training_keeps_package_weights_in_bf16_and_trains_fp32_adapters(sc
     lora = [p for k, p in params.items() if "lora_B" in k and "layers.29." in k]  # A: zero grad while B = 0
     assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in lora)
     assert not any(t.dtype == torch.bfloat16 for t in checkpoint_state(model).values())
+
+
+def test_grow_adds_mask_pixel_inputs_without_changing_what_the_model_computes(tmp_path):
+    """`training.grow` turns a run without `mask_pixels` into one with it: same outputs, padded moments."""
+    import dataclasses
+
+    from segcompass.build import build_model
+    from segcompass.model import SegCompass
+    from segcompass.presets import get_preset
+    from training.grow import grow_run
+
+    preset = get_preset("smol")
+    torch.manual_seed(0)
+    old = build_model(preset.replace(vision=dataclasses.replace(preset.vision, mask_pixels=False))).eval()
+    run = tmp_path / "sft"
+    old.save_pretrained(run / "model")
+    pixels = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        before = old.vision(pixels)
+    neck = old.vision.neck[0]  # a fake trainer state: one AdamW step on the neck's first conv
+    opt = torch.optim.AdamW([neck.weight, neck.bias])
+    for p in (neck.weight, neck.bias):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save({"step": 7, "elapsed": 1.0, "optimizer": opt.state_dict()}, run / "trainer_state.pt")
+
+    report = grow_run(run, {"vision": {"mask_pixels": True}})
+    assert report["grown"] == {"vision.neck.0.weight": [[128, 472, 1, 1], [128, 481, 1, 1]]}
+    assert report["optimizer_states_padded"] == 1
+    new = SegCompass.from_pretrained(run / "model")
+    assert new.config.vision.mask_pixels and new.vision.neck[0].weight.shape[1] == 481
+    assert not new.vision.neck[0].weight[:, 472:].any()
+    with torch.no_grad():
+        for a, b in zip(before, new.vision(pixels)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    state = torch.load(run / "trainer_state.pt", weights_only=False)
+    moments = state["optimizer"]["state"][0]
+    assert state["step"] == 7 and moments["exp_avg"].shape == (128, 481, 1, 1)
+    assert torch.equal(moments["exp_avg"][:, :472], opt.state[neck.weight]["exp_avg"])
+    assert not moments["exp_avg_sq"][:, 472:].any()

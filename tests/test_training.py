@@ -349,3 +349,18 @@ def test_completion_logits_only_give_the_same_loss_and_heads(data):
                           atol=1e-5)
     for a, b in ((full.mask_logits, last.mask_logits), (full.hook_states, kept.hook_states)):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grow_tensor_pads_input_channels_only():
+    from training.grow import grow_tensor, parse_changes
+
+    w = torch.randn(4, 3, 1, 1)
+    g = grow_tensor(w, torch.Size([4, 5, 1, 1]))
+    assert torch.equal(g[:, :3], w) and not g[:, 3:].any()
+    with pytest.raises(ValueError, match="only dim 1"):
+        grow_tensor(w, torch.Size([5, 3, 1, 1]))
+    with pytest.raises(ValueError, match="only dim 1"):
+        grow_tensor(w, torch.Size([4, 2, 1, 1]))
+    assert parse_changes(["vision.mask_pixels=true"]) == {"vision": {"mask_pixels": True}}
+    with pytest.raises(ValueError, match="SECTION.FIELD"):
+        parse_changes(["mask_pixels=true"])
