@@ -26,11 +26,11 @@ DEFAULT_SETS = ("head", "stride32", "stride16.avg", "stride16.max", "stride8.max
 def _taps(backbone, pixels: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
     """Every probed map pooled to grid x grid, as [B * grid², C]."""
     from segcompass.backbones.efficientnet_lite import PIXEL_MEAN, PIXEL_STD
-    from segcompass.vision_efficientnet import pool_to_grid
+    from segcompass.vision_efficientnet import pixel_stats, pool_to_grid
 
     feats = backbone.features((pixels * 255.0 - PIXEL_MEAN) / PIXEL_STD)
     out = {"head": pool_to_grid(feats["head"], grid, "avg"), "stride32": pool_to_grid(feats["stride32"], grid, "avg"),
-           "pixels": torch.cat([pool_to_grid(pixels, grid, how) for how in ("avg", "max", "min")], dim=1)}
+           "pixels": pixel_stats(pixels, grid)}
     for name in ("stride16", "stride8"):
         for how in ("avg", "max"):
             out[f"{name}.{how}"] = pool_to_grid(feats[name], grid, how)

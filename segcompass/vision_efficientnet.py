@@ -50,6 +50,15 @@ def pool_to_grid(x: torch.Tensor, grid: int, how: str) -> torch.Tensor:
     return -F.adaptive_max_pool2d(-x, grid)  # "min"
 
 
+PIXEL_STATS = ("avg", "max", "min")
+PIXEL_STAT_CHANNELS = 3 * len(PIXEL_STATS)
+
+
+def pixel_stats(pixels_B3SS: torch.Tensor, grid: int) -> torch.Tensor:
+    """Each grid cell's pixel colour mean / max / min: [B, 9, grid, grid] (RGB within each statistic)."""
+    return torch.cat([pool_to_grid(pixels_B3SS, grid, how) for how in PIXEL_STATS], dim=1)
+
+
 class EfficientNetVisionEncoder(nn.Module):
     """pixels [B, 3, S, S] (0..1, zero-padded) -> (visual tokens [B, token_grid², 1280], image features [B, Dm, h, w])."""
 
@@ -66,7 +75,7 @@ class EfficientNetVisionEncoder(nn.Module):
         self.multiscale = cfg.tokens == "multiscale"
         self.token_dim = cfg.token_width if self.multiscale else HEAD_CHANNELS
         if self.multiscale:
-            c_tok = HEAD_CHANNELS + sum(FEATURE_TAPS[n][1] * len(p) for n, p in TOKEN_TAPS) + 3 * 3
+            c_tok = HEAD_CHANNELS + sum(FEATURE_TAPS[n][1] * len(p) for n, p in TOKEN_TAPS) + PIXEL_STAT_CHANNELS
             w = cfg.token_width
             self.token_neck = nn.Sequential(
                 nn.Conv2d(c_tok, w, 1), nn.GroupNorm(8, w), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GroupNorm(8, w),
@@ -74,7 +83,7 @@ class EfficientNetVisionEncoder(nn.Module):
             )
         self.pos = nn.Parameter(sincos_2d(self.token_dim, cfg.token_grid)[None])  # learned; see vision.sincos_2d
         self.mask_pixels = cfg.mask_pixels
-        c_in = sum(FEATURE_TAPS[name][1] for name in NECK_INPUTS) + 9 * self.mask_pixels  # 40 + 112 + 320 (+ 9)
+        c_in = sum(FEATURE_TAPS[name][1] for name in NECK_INPUTS) + PIXEL_STAT_CHANNELS * self.mask_pixels  # 472 (+ 9)
         d = mask_cfg.dim
         self.neck = nn.Sequential(
             nn.Conv2d(c_in, d, 1), nn.GroupNorm(8, d), nn.GELU(), nn.Conv2d(d, d, 3, 1, 1), nn.GroupNorm(8, d),
@@ -99,7 +108,7 @@ class EfficientNetVisionEncoder(nn.Module):
         grid = F.adaptive_avg_pool2d(feats["head"], g)  # [B, 1280, g, g]
         if self.multiscale:
             maps = [grid] + [pool_to_grid(feats[name], g, how) for name, poolings in TOKEN_TAPS for how in poolings]
-            maps += [pool_to_grid(pixels_B3SS, g, how) for how in ("avg", "max", "min")]  # patch colour statistics
+            maps.append(pixel_stats(pixels_B3SS, g))
             grid = self.token_neck(torch.cat(maps, dim=1))  # [B, token_width, g, g]
         grid = grid + self.pos
         tokens = grid.flatten(2).transpose(1, 2)  # [B, Nv, C], row-major like patch_boxes
@@ -110,6 +119,6 @@ class EfficientNetVisionEncoder(nn.Module):
             for n in NECK_INPUTS
         ]
         if self.mask_pixels:  # appended last: `training.grow` zero-initialises these input columns
-            maps += [pool_to_grid(pixels_B3SS, self.feature_grid, how) for how in ("avg", "max", "min")]
+            maps.append(pixel_stats(pixels_B3SS, self.feature_grid))
         image_features = self.neck(torch.cat(maps, dim=1))  # [B, Dm, h, w]
         return tokens, image_features

@@ -20,9 +20,6 @@ import torch
 
 from .common import MODEL_DIR, STATE_FILE
 
-log = logging.getLogger(__name__)
-
-
 def grow_tensor(old: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """`old` zero-padded at the end of dim 1 to `shape`; ValueError for any other change."""
     if old.shape == shape:
@@ -102,7 +99,7 @@ def parse_changes(pairs: list[str]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a stage's run folder (holds model/ and trainer_state.pt)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=JSON", required=True)
+    parser.add_argument("--set", action="append", metavar="SECTION.FIELD=JSON", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     print(json.dumps(grow_run(args.run, parse_changes(args.set)), indent=2))
