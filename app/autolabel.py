@@ -228,18 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from segcompass.checkpoint import CheckpointError
-    from segcompass.defaults import default_checkpoint
+    from segcompass.defaults import resolve_checkpoint
     from segcompass.model import SegCompass
     from training.data.reasonseg import load_reasonseg
 
     from .labels import LabelStore, checkpoint_fingerprint, default_labels_db
 
     torch.set_num_threads(max(1, args.threads))
-    folder = args.checkpoint or default_checkpoint()
-    if folder is None:
-        log.error("no checkpoint given and none shipped in assets/checkpoints/")
-        return 2
     try:
+        folder = resolve_checkpoint(args.checkpoint)
         model = SegCompass.from_pretrained(folder)
         samples = load_reasonseg(args.data, args.split)[: args.limit]
     except (CheckpointError, FileNotFoundError, ValueError) as err:

@@ -421,15 +421,16 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
 
 def load_explorer(checkpoint: str | Path | None, labels_db: str | Path | None = None) -> Explorer:
     """Load a checkpoint folder (default: the best shipped one) and open the label store."""
-    from segcompass.defaults import default_checkpoint
+    from segcompass.defaults import resolve_checkpoint
     from segcompass.model import SegCompass
 
     from .examples import load_examples
     from .labels import checkpoint_fingerprint, default_labels_db
 
-    folder = checkpoint or default_checkpoint()
-    if folder is None:
-        raise SystemExit("no checkpoint given and none shipped in assets/checkpoints/: pass --checkpoint DIR")
+    try:
+        folder = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
     model = SegCompass.from_pretrained(folder)
     if model.config.lm.kind == "smollm2":  # inference only: fold LoRA into the weights, ~3x faster CoT
         from segcompass.smol import merge_adapters

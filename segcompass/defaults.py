@@ -15,3 +15,11 @@ def default_checkpoint() -> Path | None:
         if (folder / "model.safetensors").is_file():
             return folder
     return None
+
+
+def resolve_checkpoint(folder: str | Path | None) -> Path:
+    """`folder`, or the default checkpoint when none is given; FileNotFoundError when there is neither."""
+    found = Path(folder) if folder else default_checkpoint()
+    if found is None:
+        raise FileNotFoundError("no checkpoint given and none shipped in assets/checkpoints/: pass --checkpoint DIR")
+    return found

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .defaults import default_checkpoint
+from .defaults import resolve_checkpoint
 
 log = logging.getLogger("segcompass.predict")
 
@@ -35,17 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from .model import SegCompass
     from .vision import to_rgb_array
 
-    folder = args.checkpoint or default_checkpoint()
-    if folder is None:
-        log.error("no checkpoint given and none shipped in assets/checkpoints/")
-        return 2
     try:
-        model = SegCompass.from_pretrained(folder)
+        model = SegCompass.from_pretrained(resolve_checkpoint(args.checkpoint))
         image = to_rgb_array(args.image)
         on_token = (lambda s: print(s, end=" ", file=sys.stderr, flush=True)) if args.stream else None
         trace = model.encode(image, args.instruction, on_token=on_token)
         pred = model.decode(trace)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         log.error("error: %s", err)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The tiny SegCompass end to end: encode/decode equivalence, edits, checkpoints, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,20 @@ def test_predict_cli_writes_mask_and_json(tiny_model, scene, tmp_path):
     assert record["instruction"] == "the red circle" and len(record["slot_confidences"]) == 4
     assert main(["--checkpoint", str(tmp_path / "nope"), "--image", str(tmp_path / "img.png"),
                  "--instruction", "x", "--out", str(tmp_path / "n.png")]) == 2
+
+
+def test_without_a_shipped_checkpoint_the_default_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
+    from segcompass import defaults
+    from segcompass.predict import main
+
+    monkeypatch.setattr(defaults, "CHECKPOINT_DIR", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="pass --checkpoint"):
+        defaults.resolve_checkpoint(None)
+    assert defaults.resolve_checkpoint("some/dir") == Path("some/dir")
+    assert main(["--image", "x.png", "--instruction", "x", "--out", str(tmp_path / "n.png")]) == 2
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "empty" / "tiny")
+    assert defaults.resolve_checkpoint(None) == tmp_path / "empty" / "tiny"
 
 
 def test_encode_batch_matches_encode_one_at_a_time(scene):
