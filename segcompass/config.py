@@ -82,6 +82,7 @@ class MaskConfig:
     decoder_heads: int = 4
     decoder_mlp_dim: int = 256
     confidence_threshold: float = 0.5  # a slot joins the final mask when sigmoid(conf) passes this
+    top_slot_threshold: float = 1.0  # the most confident slot joins when it passes this, even below the above (1: off)
     out_of_image_logit: float = -50.0  # heatmap value for padded pixels outside the image
     sam_path: str | None = None  # full scale: local SAM checkpoint (HF SamModel format) for the mask path
 

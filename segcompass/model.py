@@ -21,6 +21,7 @@ from .edits import apply_edits
 from .language import LanguageModel, Prompt
 from .records import ConceptEdit, ForwardOutput, Prediction, TokenRole, Trace
 from .sae import SparseAutoencoder
+from .slot_mapper import kept_slots
 from .vision import PreparedImage, patch_boxes, prepare_image
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,8 @@ class SegCompass(nn.Module):
         slot_logits = _to_original(mask_logits_KHW.float(), valid_hw, S, original_size)
         slot_heat = torch.sigmoid(_to_original(heat_Khw.float(), valid_hw, S, original_size))
         slot_masks = (slot_logits > 0).cpu().numpy()
-        kept = [k for k in range(len(conf)) if conf[k] > self.config.mask.confidence_threshold]
+        rule = self.config.mask
+        kept = kept_slots(conf, rule.confidence_threshold, rule.top_slot_threshold).nonzero().flatten().tolist()
         final = np.zeros(original_size, dtype=bool)
         for k in kept:
             final |= slot_masks[k]

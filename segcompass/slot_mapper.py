@@ -40,3 +40,19 @@ class SlotMapper(nn.Module):
         peak = F.adaptive_max_pool1d(logits.reshape(B * K, self.heads, h * w), 1).view(B, K, self.heads)
         conf = self.confidence(torch.cat([q, peak], dim=-1)).squeeze(-1)
         return heat, conf
+
+
+def kept_slots(conf_K: torch.Tensor, confidence_threshold: float, top_slot_threshold: float = 1.0) -> torch.Tensor:
+    """Bool [..., K]: which slots join the final mask, given their confidences (probabilities) [..., K].
+
+    The slots that pass `confidence_threshold`, plus the most confident slot when it passes
+    `top_slot_threshold` (1: off). The second rule is for a model whose confidence is split between
+    two slots that show the same object (Hungarian matching hands the target to either), so neither
+    passes the first; both thresholds are the decode's global rule, picked on val (`training calibrate`).
+
+    >>> kept_slots(torch.tensor([0.45, 0.40, 0.02]), 0.5, 0.3).tolist()
+    [True, False, False]
+    """
+    keep = conf_K > confidence_threshold
+    top = conf_K.argmax(-1, keepdim=True)
+    return keep | torch.zeros_like(keep).scatter(-1, top, conf_K.gather(-1, top) > top_slot_threshold)

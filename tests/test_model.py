@@ -262,3 +262,32 @@ def test_reason_effects_regenerate_under_each_edit(tiny_model, scene):
         again = tiny_model.reason(scene, trace, [ConceptEdit(c)])
         assert changed == (again.cot != trace.cot)
         assert px == int(np.logical_xor(base, tiny_model.decode(again, [ConceptEdit(c)]).mask).sum())
+
+
+def test_kept_slots_rule():
+    from segcompass.slot_mapper import kept_slots
+
+    conf = torch.tensor([[0.45, 0.40, 0.02, 0.9], [0.45, 0.40, 0.02, 0.1], [0.1, 0.2, 0.05, 0.0]])
+    assert kept_slots(conf, 0.5).tolist() == [[False, False, False, True], [False] * 4, [False] * 4]
+    assert kept_slots(conf, 0.5, 0.3).tolist() == [[False, False, False, True], [True, False, False, False],
+                                                    [False] * 4]
+    assert kept_slots(conf[1], 0.35, 0.3).tolist() == [True, True, False, False]  # 1-D works too
+
+
+def test_top_slot_threshold_adds_the_most_confident_slot_to_the_mask(tiny_model, scene):
+    import dataclasses
+
+    trace = tiny_model.encode(scene, "the red circle")
+    conf = tiny_model.decode(trace).confidences
+    top = int(conf.argmax())
+    mask_cfg = tiny_model.config.mask
+    try:
+        tiny_model.config = tiny_model.config.replace(mask=dataclasses.replace(
+            mask_cfg, confidence_threshold=1.0, top_slot_threshold=float(conf.max()) - 1e-3))
+        pred = tiny_model.decode(trace)
+        assert pred.kept_slots == [top] and np.array_equal(pred.mask, pred.slot_masks[top])
+        tiny_model.config = tiny_model.config.replace(mask=dataclasses.replace(
+            mask_cfg, confidence_threshold=1.0, top_slot_threshold=float(conf.max()) + 1e-3))
+        assert tiny_model.decode(trace).kept_slots == [] and not tiny_model.decode(trace).mask.any()
+    finally:
+        tiny_model.config = tiny_model.config.replace(mask=mask_cfg)

@@ -195,8 +195,14 @@ def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft
                  "--out-checkpoint", str(tmp_path / "final")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0.0 < result["threshold"] < 1.0 and len(result["sweep_gIoU"]) >= 10
+    top = result["top_slot_threshold"]
+    assert top == 1.0 or top < result["threshold"]
+    # the chosen pair scores at least as well as the best single threshold (the rule it extends)
+    assert result["gIoU"] >= max(result["sweep_gIoU"].values())
+    assert result["best_gIoU_by_top_slot_threshold"]["1.0"] == max(result["sweep_gIoU"].values())
     calibrated = SegCompass.from_pretrained(tmp_path / "final")
     assert calibrated.config.mask.confidence_threshold == result["threshold"]
+    assert calibrated.config.mask.top_slot_threshold == top
 
     from safetensors.torch import load_file
 

@@ -92,16 +92,18 @@ def run_eval(args) -> int:
 
 def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limit: int | None = None,
               out_checkpoint: str | Path | None = None, thresholds=None, batch_size: int = 16, dtype=None) -> dict:
-    """Pick the slot confidence threshold (the one global decision rule of `decode`) on a held-out
-    split: encode + decode each example once, then score the union of the slots whose confidence
-    passes each candidate threshold. Writes the checkpoint with the best threshold to out_checkpoint
-    (weights cast to `dtype`, e.g. torch.float16 for a shipped checkpoint; None keeps them)."""
+    """Pick the decode's one global decision rule on a held-out split: the slot confidence threshold
+    and the top-slot threshold (`segcompass.slot_mapper.kept_slots`). Encodes + decodes each example
+    once, then scores the union of the kept slots under every pair of candidates (top-slot threshold
+    at or below the confidence threshold, or off). Writes the checkpoint with the best pair to
+    out_checkpoint (weights cast to `dtype`, e.g. torch.float16 for a shipped checkpoint; None keeps them)."""
     import dataclasses
 
     from tqdm import tqdm
 
     from segcompass.metrics import Scoreboard
     from segcompass.model import SegCompass
+    from segcompass.slot_mapper import kept_slots
     from training.common import default_device
     from training.data.loaders import load_reasonseg
 
@@ -109,29 +111,36 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)[:limit]
     thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
-    boards = {t: Scoreboard() for t in thresholds}
+    rules = [(t, top) for t in thresholds for top in [1.0] + [u for u in thresholds if u < t]]
+    boards = {rule: Scoreboard() for rule in rules}
     for sample, pred in tqdm(predictions(model, samples, batch_size), total=len(samples),
                              desc=f"calibrate on {split}", unit="ex"):
         gt = sample.gt_mask()
-        if pred is None:
-            for t in thresholds:
-                boards[t].add(None, gt, sample.family)
-            continue
-        for t in thresholds:
-            mask = np.zeros(gt.shape, bool)
-            for k in np.nonzero(pred.confidences.numpy() > t)[0]:
-                mask |= pred.slot_masks[k]
-            boards[t].add(mask, gt, sample.family)
-    sweep = {t: boards[t].result().giou for t in thresholds}
-    best = max(thresholds, key=lambda t: (sweep[t], -abs(t - 0.5)))
-    result = {"split": split, "count": len(samples), "sweep_gIoU": sweep, "threshold": best,
-              "previous_threshold": model.config.mask.confidence_threshold}
+        for rule in rules:
+            mask = None
+            if pred is not None:
+                mask = np.zeros(gt.shape, bool)
+                for k in kept_slots(pred.confidences, *rule).nonzero().flatten().tolist():
+                    mask |= pred.slot_masks[k]
+            boards[rule].add(mask, gt, sample.family)
+    score = {rule: boards[rule].result().giou for rule in rules}
+    # ties: the simpler rule (top-slot rule off), then the threshold nearest 0.5
+    best_t, best_top = max(rules, key=lambda r: (score[r], r[1] == 1.0, -abs(r[0] - 0.5), r[1]))
+    mask_cfg = model.config.mask
+    result = {"split": split, "count": len(samples),
+              "sweep_gIoU": {t: score[(t, 1.0)] for t in thresholds},  # confidence threshold alone
+              "best_gIoU_by_top_slot_threshold": {top: max(score[r] for r in rules if r[1] == top)
+                                                  for top in sorted({r[1] for r in rules})},
+              "threshold": best_t, "top_slot_threshold": best_top, "gIoU": score[(best_t, best_top)],
+              "previous_threshold": mask_cfg.confidence_threshold,
+              "previous_top_slot_threshold": mask_cfg.top_slot_threshold}
     if out_checkpoint is not None:
-        model.config = model.config.replace(mask=dataclasses.replace(model.config.mask, confidence_threshold=best))
+        model.config = model.config.replace(mask=dataclasses.replace(
+            mask_cfg, confidence_threshold=best_t, top_slot_threshold=best_top))
         model.save_pretrained(out_checkpoint, dtype=dtype)
         result["checkpoint"] = str(out_checkpoint)
-    log.info("confidence threshold %.2f (val gIoU %.4f; at %.2f: %.4f)", best, sweep[best],
-             result["previous_threshold"], sweep.get(result["previous_threshold"], float("nan")))
+    log.info("confidence threshold %.2f, top-slot threshold %.2f (val gIoU %.4f; threshold alone at best %.4f)",
+             best_t, best_top, score[(best_t, best_top)], max(result["sweep_gIoU"].values()))
     return result
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from segcompass.slot_mapper import kept_slots
+
 from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
                      set_lr, setup_run)
 from .configs import JointConfig, save_config
@@ -84,7 +86,8 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
         ref_logits = ref_lang.step(ref_lang.embed(ids, tokens), mask, positions).logits
         ref_logp = token_logprobs(ref_logits[:, :-1], ids[:, 1:])
         probs = torch.sigmoid(out.mask_logits.float())
-        kept = torch.sigmoid(out.confidence_logits.float()) > model.config.mask.confidence_threshold
+        rule = model.config.mask
+        kept = kept_slots(torch.sigmoid(out.confidence_logits.float()), rule.confidence_threshold, rule.top_slot_threshold)
         fmt = [format_reward(lang.tokenizer.decode(c, skip_special_tokens=False), cfg.max_reasoning_words)
                for c in completions]
         msk = [mask_score(probs[i], kept[i], rows[i].target_mask.float().to(device)) for i in range(len(rows))]
