@@ -192,7 +192,7 @@ def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft
 
     run, _, _ = sft_run
     assert main(["calibrate", "--checkpoint", str(run / "model"), "--data", str(data), "--split", "test",
-                 "--out-checkpoint", str(tmp_path / "final")]) == 0
+                 "--out-checkpoint", str(tmp_path / "final"), "--top-slot"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0.0 < result["threshold"] < 1.0 and len(result["sweep_gIoU"]) >= 10
     top = result["top_slot_threshold"]
@@ -212,6 +212,7 @@ def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft
     floats = [v for v in stored.values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     half = SegCompass.from_pretrained(tmp_path / "half")
+    assert json.loads(capsys.readouterr().out)["top_slot_threshold"] == 1.0  # off without --top-slot
     for (name, a), b in zip(calibrated.state_dict().items(), half.state_dict().values()):
         assert b.dtype == a.dtype and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3), name
 

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights of the written checkpoint (the shipped smol one is fp16)")
     c.add_argument("--batch-size", type=int, default=16, help="examples generated together (greedy, batched)")
+    c.add_argument("--top-slot", action="store_true",
+                   help="also pick a top-slot threshold (kept_slots); off: on smol run 6 it won 0.016 on val, lost 0.012 on test")
     return p
 
 
