@@ -307,9 +307,7 @@ class SegCompass(nn.Module):
         slot_masks = (slot_logits > 0).cpu().numpy()
         rule = self.config.mask
         kept = kept_slots(conf, rule.confidence_threshold, rule.top_slot_threshold).nonzero().flatten().tolist()
-        final = np.zeros(original_size, dtype=bool)
-        for k in kept:
-            final |= slot_masks[k]
+        final = slot_masks[kept].any(axis=0)  # [H, W]; all False when no slot is kept
         return Prediction(
             heatmaps=heat_Khw.detach().float().cpu(), confidences=conf, slot_masks=slot_masks, mask=final,
             slot_heatmaps=slot_heat.cpu().numpy().astype(np.float32), kept_slots=kept,

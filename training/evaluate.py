@@ -120,11 +120,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
                              desc=f"calibrate on {split}", unit="ex"):
         gt = sample.gt_mask()
         for rule in rules:
-            mask = None
-            if pred is not None:
-                mask = np.zeros(gt.shape, bool)
-                for k in kept_slots(pred.confidences, *rule).nonzero().flatten().tolist():
-                    mask |= pred.slot_masks[k]
+            mask = None if pred is None else pred.slot_masks[kept_slots(pred.confidences, *rule).numpy()].any(axis=0)
             boards[rule].add(mask, gt, sample.family)
     score = {rule: boards[rule].result().giou for rule in rules}
     # ties: the simpler rule (top-slot rule off), then the threshold nearest 0.5

@@ -20,6 +20,7 @@ import torch
 
 from .common import MODEL_DIR, STATE_FILE
 
+
 def grow_tensor(old: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """`old` zero-padded at the end of dim 1 to `shape`; ValueError for any other change."""
     if old.shape == shape:
