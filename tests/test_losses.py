@@ -1,5 +1,6 @@
 """Hungarian slot matching and the segmentation / confidence losses."""
 
+import pytest
 import torch
 
 from training.losses import dice_loss, focal_loss, hungarian_match, seg_losses, soft_iou_matrix
@@ -37,6 +38,27 @@ def test_seg_losses_match_slots_and_set_confidence_targets():
     assert float(out.seg) < 0.05 and float(out.confidence) < 0.05
     wrong_conf = seg_losses(heat, mask, -conf, [h], [m])
     assert float(wrong_conf.confidence) > 1.0
+
+
+def test_iou_confidence_target_keeps_both_duplicate_slots():
+    """Two slots showing the one target: "match" trains one towards 1 and the other towards 0 (and
+    which one flips with the heatmaps), "iou" trains both towards 1 and an empty slot towards 0."""
+    h = torch.zeros(1, 4, 4); h[0, :2] = 1
+    m = h.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    heat = torch.stack([_logits(h[0]), _logits(h[0]), _logits(torch.zeros(4, 4))])[None]
+    mask = torch.stack([_logits(m[0]), _logits(m[0]), _logits(torch.zeros(8, 8))])[None]
+    both = torch.tensor([[6.0, 6.0, -6.0]])
+    match = seg_losses(heat, mask, both, [h], [m])
+    iou = seg_losses(heat, mask, both, [h], [m], conf_target="iou")
+    assert float(match.confidence) > 1.0 and float(iou.confidence) < 0.01
+    half = torch.stack([_logits(m[0]), _logits(m[0] * 0 + (torch.arange(8) < 2).float()[:, None]), mask[0, 2]])[None]
+    from training.losses import best_mask_iou
+    assert best_mask_iou(half[0], m).tolist() == [1.0, 0.5, 0.0]
+    conf = torch.zeros(1, 3, requires_grad=True)  # sigmoid 0.5: the half-right slot is already where it should be
+    seg_losses(heat, half, conf, [h], [m], conf_target="iou").confidence.backward()
+    assert conf.grad[0, 0] < 0 and abs(float(conf.grad[0, 1])) < 1e-7 and conf.grad[0, 2] > 0
+    with pytest.raises(ValueError, match="conf_target"):
+        seg_losses(heat, mask, both, [h], [m], conf_target="best")
 
 
 def test_seg_losses_with_no_target_push_confidence_and_final_mask_down():

@@ -35,6 +35,8 @@ class SFTConfig:
     lm_weight: float = 1.0
     seg_weight: float = 1.0
     conf_weight: float = 0.5
+    conf_target: str = "match"  # slot confidence target: "match" (Hungarian-matched slots 1, others 0) or
+    # "iou" (each slot's best mask IoU with any target; training.losses)
     aux_weight: float = 0.0  # > 0: auxiliary perception loss (colour/shape/size of the object under each visual
     # token, from ShapeWorld's `objects`) on the vision encoder's tokens; a training-only linear head
     naming_weight: float = 0.0  # > 0: the same labels read from each visual token's layer-L state through the
@@ -87,6 +89,7 @@ class JointConfig:
     kl_coeff: float = 0.2
     seg_weight: float = 0.3
     conf_weight: float = 0.2
+    conf_target: str = "match"  # as SFTConfig.conf_target
     c_dice: float = 2.0
     c_focal: float = 5.0
     c_mask_bce: float = 1.0

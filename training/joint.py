@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
     return seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
                       [t.to(device) for t in batch_targets_heat], [t.to(device) for t in batch_targets_mask],
-                      c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce)
+                      c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce,
+                      conf_target=cfg.conf_target)
 
 
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:

@@ -4,13 +4,19 @@ Shapes: K slots, N targets, h x w heatmap grid, H x W mask grid (both in the pad
 frame). Targets are soft (area-downsampled) masks in [0, 1]; a weight map excludes ignored pixels.
 
     seg  = BCE(heatmap) + c_dice * (Dice(mask) + Dice(heatmap)) + c_focal * focal(mask)   # matched slots
-    conf = BCE(confidence, 1 for matched slots, 0 for the others)
+    conf = BCE(confidence, 1 for matched slots, 0 for the others)        # conf_target="match"
+    conf = BCE(confidence, each slot's best hard-mask IoU with any target)  # conf_target="iou"
     seg += c_union * (BCE + Dice)(final, union of targets)                                  # every example
 
 The last term supervises what inference outputs: the final mask is the union of the confident
 slots, here in soft form final = 1 - prod_k (1 - sigmoid(conf_k) * sigmoid(mask_k)). Without it the
 matched-slot losses leave unmatched slots' masks and the confidence ranking unconstrained, and the
 union of confident slots scored far below the best slot (val, teacher-forced: 0.41 vs 0.77 IoU).
+
+conf_target="iou" (SAM's IoU-head target, as a BCE soft label) asks each slot for the quality of
+its own mask instead of whether Hungarian matching picked it. Two slots that show the same object
+then both get a high target, where "match" hands the 1 to either of them at random from step to
+step and trains both towards 0.5, so at threshold 0.5 neither is kept.
 """
 
 from __future__ import annotations
@@ -97,18 +103,22 @@ def seg_losses(
     c_mask_bce: float = 0.0,
     weights_mask: list[torch.Tensor | None] | None = None,
     c_union: float = 1.0,
+    conf_target: str = "match",
 ) -> SegLosses:
     """Per example b: targets_heat[b] [N_b, h, w], targets_mask[b] [N_b, H, W] (N_b may be 0).
 
     Slots are matched to targets by the soft IoU of the heatmap (Hungarian); every matched pair
     adds heatmap BCE + c_dice (mask Dice + heatmap Dice) + c_focal mask focal (+ c_mask_bce mask
     BCE, 0 in the paper); the pair losses are averaged per example, then over the examples that
-    have targets. Confidence BCE: 1 for matched slots, 0 for every other slot.
+    have targets. Confidence BCE against conf_target: "match" = 1 for matched slots, 0 for every
+    other slot; "iou" = each slot's best hard IoU (mask logit > 0 vs target > 0.5) with any target.
     """
+    if conf_target not in ("match", "iou"):
+        raise ValueError(f"conf_target must be 'match' or 'iou', got {conf_target!r}")
     B, K = conf_BK.shape
     zero = heat_BKhw.sum() * 0.0
     parts = {k: [] for k in ("heatmap_bce", "mask_dice", "heatmap_dice", "mask_focal", "mask_bce", "seg")}
-    conf_target = torch.zeros_like(conf_BK)
+    conf_target_BK = torch.zeros_like(conf_BK)
     matches: list[list[tuple[int, int]]] = []
     for b in range(B):
         th, tm = targets_heat[b].to(heat_BKhw.dtype), targets_mask[b].to(mask_BKHW.dtype)
@@ -120,9 +130,12 @@ def seg_losses(
             score = soft_iou_matrix(torch.sigmoid(heat_BKhw[b].flatten(1).float()), th.flatten(1).float())
         pairs = hungarian_match(score)
         matches.append(pairs)
+        if conf_target == "iou":
+            conf_target_BK[b] = best_mask_iou(mask_BKHW[b], tm, wm)
         acc = {k: zero for k in parts if k != "seg"}
         for k, n in pairs:
-            conf_target[b, k] = 1.0
+            if conf_target == "match":
+                conf_target_BK[b, k] = 1.0
             hl, ml = heat_BKhw[b, k].flatten(), mask_BKHW[b, k].flatten()
             ht, mt = th[n].flatten(), tm[n].flatten()
             acc["heatmap_bce"] = acc["heatmap_bce"] + bce(hl, ht)
@@ -140,8 +153,23 @@ def seg_losses(
     mean = {k: (torch.stack(v).mean() if v else zero) for k, v in parts.items()}
     union = final_mask_loss(mask_BKHW, conf_BK, targets_mask, weights_mask)
     mean["seg"] = mean["seg"] + c_union * union
-    confidence = F.binary_cross_entropy_with_logits(conf_BK.float(), conf_target.float())
+    confidence = F.binary_cross_entropy_with_logits(conf_BK.float(), conf_target_BK.float())
     return SegLosses(confidence=confidence, matches=matches, union=union, **mean)
+
+
+@torch.no_grad()
+def best_mask_iou(mask_KHW: torch.Tensor, target_NHW: torch.Tensor, weight_P: torch.Tensor | None = None) -> torch.Tensor:
+    """[K] each slot's best hard IoU (mask logit > 0 vs target > 0.5, over weighted pixels) with any target.
+
+    >>> best_mask_iou(torch.tensor([[[1., -1.]], [[1., 1.]]]), torch.tensor([[[1., 0.]]]))
+    tensor([1.0000, 0.5000])
+    """
+    pred = (mask_KHW.flatten(1) > 0).float()
+    target = (target_NHW.flatten(1) > 0.5).float()
+    if weight_P is not None:
+        keep = (weight_P.flatten() > 0).float()
+        pred, target = pred * keep, target * keep
+    return soft_iou_matrix(pred, target).amax(1)
 
 
 def soft_final_mask(mask_BKHW: torch.Tensor, conf_BK: torch.Tensor) -> torch.Tensor:

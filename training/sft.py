@@ -125,7 +125,8 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=N
     if cfg.mask_loss:
         seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
                          [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
-                         c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce)
+                         c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce,
+                         conf_target=cfg.conf_target)
         loss = loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
         stats.update(seg=float(seg.seg.detach()), conf=float(seg.confidence.detach()),
                      dice=float(seg.mask_dice.detach()))
