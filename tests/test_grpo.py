@@ -55,3 +55,25 @@ def test_token_mean_ignores_padding_and_logprobs_gather():
     logits = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
     lp = token_logprobs(logits, torch.tensor([[1, 0]]))
     assert torch.allclose(lp, torch.log(torch.tensor([[0.75, 0.5]])))
+
+
+def test_completion_logprobs_from_the_last_positions_equal_the_full_pass():
+    """The joint stage computes LM logits only from the shortest prompt's last position on: the
+    completion tokens' log-probs and mask must equal those read from every position."""
+    from training.grpo import completion_logprobs
+
+    torch.manual_seed(0)
+    B, T, V = 3, 9, 11
+    logits = torch.randn(B, T, V)
+    ids = torch.randint(0, V, (B, T))
+    prompt_lengths = torch.tensor([3, 5, 4])
+    attention = torch.ones(B, T, dtype=torch.long)
+    attention[0, 7:] = 0  # right padding
+    full_logp, full_mask = completion_logprobs(logits, ids, prompt_lengths, attention)
+    keep = T - int(prompt_lengths.min()) + 1
+    kept_logp, kept_mask = completion_logprobs(logits[:, -keep:], ids, prompt_lengths, attention)
+    assert full_mask.sum() == kept_mask.sum() == (6 - 2) + (8 - 4) + (8 - 3)
+    assert torch.equal(full_logp[full_mask], kept_logp[kept_mask])
+    assert torch.isclose(masked_mean(full_logp, full_mask), masked_mean(kept_logp, kept_mask))
+    # row 1's first completion token (position 5) is predicted by the logits at position 4
+    assert torch.isclose(kept_logp[1][kept_mask[1]][0], torch.log_softmax(logits[1, 4], -1)[ids[1, 5]])

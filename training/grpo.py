@@ -40,6 +40,19 @@ def token_logprobs(logits_BCV: torch.Tensor, ids_BC: torch.Tensor) -> torch.Tens
     return torch.log_softmax(logits_BCV.float(), dim=-1).gather(-1, ids_BC[..., None]).squeeze(-1)
 
 
+def completion_logprobs(logits_BKV: torch.Tensor, ids_BT: torch.Tensor, prompt_lengths_B: torch.Tensor,
+                        attention_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi of each next token under the logits of the LAST K positions of packed sequences
+    (prompt left, completion after it, right padding), and the mask of the completion tokens among them.
+
+    K = T gives every position; K = T - min(prompt length) + 1 is the least that still covers every
+    completion token. Returns ([B, K-1] log-probs, [B, K-1] bool mask)."""
+    T, K = ids_BT.shape[1], logits_BKV.shape[1]
+    positions = torch.arange(1, T, device=ids_BT.device)[None]
+    completion = (positions >= prompt_lengths_B[:, None]) & (attention_mask_BT[:, 1:] > 0)
+    return token_logprobs(logits_BKV[:, :-1], ids_BT[:, T - K + 1:]), completion[:, T - K:]
+
+
 def masked_mean(x_BC: torch.Tensor, mask_BC: torch.Tensor) -> torch.Tensor:
     mask = mask_BC.to(x_BC.dtype)
     return (x_BC * mask).sum() / mask.sum().clamp_min(1.0)

@@ -24,7 +24,7 @@ from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_st
                      set_lr, setup_run)
 from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
-from .grpo import group_advantages, grpo_loss, token_logprobs
+from .grpo import completion_logprobs, group_advantages, grpo_loss
 from .losses import seg_losses
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 from .rewards import format_reward, mask_score, total_reward
@@ -75,17 +75,20 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
                    for i in range(len(rows))]
     packed = lang.pack(prompts, completions)
     ids, mask = packed.ids.to(device), packed.attention_mask.to(device)
-    out = model(None, valid_hw, ids, packed.roles.to(device), mask, packed.prompt_lengths.to(device),
-                vision_out=(tokens, feats))
     T = ids.shape[1]
-    comp_mask = ((torch.arange(1, T, device=device)[None] >= packed.prompt_lengths.to(device)[:, None])
-                 & (mask[:, 1:] > 0))
-    logp = token_logprobs(out.lm_logits[:, :-1], ids[:, 1:])
+    # LM logits only from the last prompt position on: the visual tokens and prompt make up most of
+    # the sequence, and [rows, T, vocab] fp32 logits (x3 with log-softmax and the reference policy)
+    # were most of the stage's memory (smol: ~12 GB peak).
+    keep = T - int(packed.prompt_lengths.min()) + 1
+    out = model(None, valid_hw, ids, packed.roles.to(device), mask, packed.prompt_lengths.to(device),
+                vision_out=(tokens, feats), logits_to_keep=keep)
+    prompt_lengths = packed.prompt_lengths.to(device)
+    logp, comp_mask = completion_logprobs(out.lm_logits, ids, prompt_lengths, mask)
     with torch.no_grad():
         ref_lang = ref_model.language
         positions = torch.arange(T, device=device).expand_as(ids)
-        ref_logits = ref_lang.step(ref_lang.embed(ids, tokens), mask, positions).logits
-        ref_logp = token_logprobs(ref_logits[:, :-1], ids[:, 1:])
+        ref_logits = ref_lang.step(ref_lang.embed(ids, tokens), mask, positions, logits_to_keep=keep).logits
+        ref_logp, _ = completion_logprobs(ref_logits, ids, prompt_lengths, mask)
         probs = torch.sigmoid(out.mask_logits.float())
         rule = model.config.mask
         kept = kept_slots(torch.sigmoid(out.confidence_logits.float()), rule.confidence_threshold, rule.top_slot_threshold)
