@@ -127,8 +127,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     warmup_steps=50, save_every=50, conf_weight=1.0, aux_weight=1.0, naming_weight=1.0,
                     mixed_precision="bf16"),
         "sae": dict(limit=1000, compare=False, minutes=2.0, normalize="dim"),
+        # conf_target="iou": val +0.045 / +0.055 and test -0.011 / +0.029 on runs 6 / 7 (docs/results.md, "smol, run 7")
         "joint": dict(steps=20000, minutes=15.0, batch_size=16, prompts=4, group_size=4, grpo_every=4, lr=1e-4,
-                      ref_dropout=0.5, save_every=25, mixed_precision="bf16"),
+                      ref_dropout=0.5, save_every=25, mixed_precision="bf16", conf_target="iou"),
     },
     # The smol model on one GPU (bf16): LoRA at 0.2 x the from-scratch parts' lr, larger batches,
     # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual
