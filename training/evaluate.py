@@ -114,7 +114,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)[:limit]
     thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
-    rules = [(t, top) for t in thresholds for top in [1.0] + [u for u in thresholds if u < t and top_slot]]
+    rules = [(t, top) for t in thresholds for top in [1.0] + ([u for u in thresholds if u < t] if top_slot else [])]
     boards = {rule: Scoreboard() for rule in rules}
     for sample, pred in tqdm(predictions(model, samples, batch_size), total=len(samples),
                              desc=f"calibrate on {split}", unit="ex"):

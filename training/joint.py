@@ -75,14 +75,14 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
                    for i in range(len(rows))]
     packed = lang.pack(prompts, completions)
     ids, mask = packed.ids.to(device), packed.attention_mask.to(device)
+    prompt_lengths = packed.prompt_lengths.to(device)
     T = ids.shape[1]
     # LM logits only from the last prompt position on: the visual tokens and prompt make up most of
     # the sequence, and their [rows, T, vocab] fp32 logits (x3 with log-softmax and the reference
-    # policy) were computed for nothing (smol: joint peak 11.8 -> 11.4 GB, 142 -> 145 steps in 15 min).
+    # policy) were computed for nothing.
     keep = T - int(packed.prompt_lengths.min()) + 1
-    out = model(None, valid_hw, ids, packed.roles.to(device), mask, packed.prompt_lengths.to(device),
+    out = model(None, valid_hw, ids, packed.roles.to(device), mask, prompt_lengths,
                 vision_out=(tokens, feats), logits_to_keep=keep)
-    prompt_lengths = packed.prompt_lengths.to(device)
     logp, comp_mask = completion_logprobs(out.lm_logits, ids, prompt_lengths, mask)
     with torch.no_grad():
         ref_lang = ref_model.language
