@@ -4,7 +4,8 @@
 # DATA (default data/shapeworld) is generated when missing (JOBS processes, default all cores),
 # N_TRAIN (default 6000) train scenes.
 # MODEL=tiny|smol|smol-gpu picks the model and its stage preset (training/configs.py PRESETS; default tiny).
-# Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
+# Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS, REFIT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
+# REFIT=1 adds the heads refit after joint (training/refit.py: the mask path on cached, frozen LM states).
 # Every stage resumes from its run folder: rerun the same command after an interruption.
 set -euo pipefail
 HEAD_NAME=${1:-segcompass}
@@ -33,8 +34,14 @@ if [ "$HEAD_NAME" = segcompass ]; then
 fi
 python -m training joint "${STAGE[@]}" --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
 stamp "joint done"
+HEADS="$ROOT/joint/model"
+if [ "${REFIT:-0}" = 1 ]; then
+  python -m training refit "${STAGE[@]}" --init "$HEADS" --run "$ROOT/refit" --data "$DATA" ${REFIT_ARGS:-}
+  stamp "refit done"
+  HEADS="$ROOT/refit/model"
+fi
 # The one global decision rule of decode (slot confidence threshold) is picked on val, never on test.
-python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$ROOT/joint/model" --data "$DATA" --split val \
+python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$HEADS" --data "$DATA" --split val \
   --out-checkpoint "$ROOT/final" > "$ROOT/calibration.json"
 stamp "calibrate done"
 python -m training eval --threads "${THREADS:-0}" --checkpoint "$ROOT/final" --data "$DATA" --split test --out "$ROOT/eval_test.json"

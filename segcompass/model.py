@@ -128,15 +128,9 @@ class SegCompass(nn.Module):
         concept edit, the heads follow the concepts. `logits_to_keep` > 0: LM logits for the last k
         positions only (training losses need the completion's, not the prompt's)."""
         tokens, feats = vision_out if vision_out is not None else self.vision(pixels_B3SS)
-        embeds = self.language.embed(ids_BT, tokens)
-        positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
-        step = self.language.step(embeds, attention_mask_BT, positions, logits_to_keep=logits_to_keep)
+        step, ref_pos, ref = self.language_states(tokens, ids_BT, attention_mask_BT, prompt_lengths_B, logits_to_keep)
         pad = attention_mask_BT == 0
         codes = self.codes_from_states(step.hook, pad)
-        ref_pos = self.reference_positions(ids_BT, attention_mask_BT, prompt_lengths_B)
-        stand_in = attention_mask_BT.sum(1) - 1
-        used = torch.where(ref_pos >= 0, ref_pos, stand_in)
-        ref = step.last[torch.arange(len(used), device=used.device), used]
         if ref_shuffle > 0 and len(ref) > 1:
             ref = torch.where(torch.rand(len(ref), 1, device=ref.device) < ref_shuffle, ref.roll(1, 0), ref)
         if ref_dropout > 0:
@@ -146,6 +140,19 @@ class SegCompass(nn.Module):
             lm_logits=step.logits, codes=codes, heatmap_logits=heat, mask_logits=masks,
             confidence_logits=conf, ref_positions=ref_pos, hook_states=step.hook,
         )
+
+    def language_states(self, tokens_BND, ids_BT, attention_mask_BT, prompt_lengths_B, logits_to_keep: int = 0):
+        """The language model's teacher-forced pass: (StepOutput, reference positions [B] (-1: none),
+        the reference state [B, D] the heads read: the last-layer state at the first reference token
+        after the prompt, or at the last real token where there is none)."""
+        embeds = self.language.embed(ids_BT, tokens_BND)
+        positions = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
+        step = self.language.step(embeds, attention_mask_BT, positions, logits_to_keep=logits_to_keep)
+        ref_pos = self.reference_positions(ids_BT, attention_mask_BT, prompt_lengths_B)
+        stand_in = attention_mask_BT.sum(1) - 1
+        used = torch.where(ref_pos >= 0, ref_pos, stand_in)
+        ref = step.last[torch.arange(len(used), device=used.device), used]
+        return step, ref_pos, ref
 
     def reference_positions(self, ids_BT, attention_mask_BT, prompt_lengths_B) -> torch.Tensor:
         """[B] position of the first reference token after the prompt, -1 where there is none."""

@@ -280,6 +280,25 @@ def test_examples_prepared_in_parallel_equal_sequential(data):
                 assert value == other, key
 
 
+def test_cached_examples_load_memory_mapped_and_equal_fresh_ones(data, tmp_path, monkeypatch):
+    import training.examples as ex
+    from segcompass.presets import get_preset
+
+    monkeypatch.setattr(ex, "CACHE_DIR", tmp_path)
+    config = get_preset("tiny")
+    fresh = ex.load_examples(data, "train", config, cache=False)
+    first = ex.load_examples(data, "train", config)  # prepares, saves, reloads from the file
+    again = ex.load_examples(data, "train", config)
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    for a, b, c in zip(fresh, first, again):
+        for key, value in a.__dict__.items():
+            for other in (getattr(b, key), getattr(c, key)):
+                if isinstance(value, torch.Tensor):
+                    assert value.dtype == other.dtype and torch.equal(value, other), key
+                else:
+                    assert value == other, key
+
+
 def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
     """The naming loss is the logit lens of layer L at the visual tokens, restricted to the attribute
     words: it reaches the layers up to L, the projector and the vision trunk, not the layers above L."""
@@ -371,3 +390,42 @@ def test_grow_tensor_pads_input_channels_only():
     assert parse_changes(["vision.mask_pixels=true"]) == {"vision": {"mask_pixels": True}}
     with pytest.raises(ValueError, match="SECTION.FIELD"):
         parse_changes(["mask_pixels=true"])
+
+
+def test_refit_trains_only_the_heads_and_the_mask_neck(data, sae_run, tmp_path):
+    from training.refit import run_refit
+
+    init = sae_run / "model"
+    before = snapshot(SegCompass.from_pretrained(init))
+    out = run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6)), init, tmp_path / "refit",
+                    resume=False)
+    model = SegCompass.from_pretrained(out)
+    # never reached (no gradient): SAM's point/box/no-mask embeddings, IoU head; the other masks' hypernetworks
+    # get zero gradients and move by weight decay (AdamW), unlike the joint stage (no weight decay)
+    unused = ("iou_prediction_head", "point_embed", "not_a_point_embed", "no_mask_embed")
+    trainable = {n for n, _ in model.named_parameters()
+                 if n.startswith(("codebook.", "slot_mapper.", "mask_decoder.", "vision.neck."))
+                 and not any(u in n for u in unused)}
+    assert_trained_exactly(before, model, trainable)
+    assert "refit done: 3 steps" in (tmp_path / "refit" / "refit.log").read_text()
+
+
+def test_refit_cache_holds_the_training_forward_states(data, sae_run):
+    from training.examples import collate, load_examples
+    from training.refit import cache_states, stack_states
+    from training.sft import teacher_forced
+
+    model = SegCompass.from_pretrained(sae_run / "model").eval()
+    examples = load_examples(str(data), "train", model.config, limit=5, cache=False)
+    states = cache_states(model, examples, batch_size=2)  # other padding than the batch of 5 below
+    with torch.no_grad():
+        out, packed = teacher_forced(model, collate(examples), model._device(), "segcompass", logits="none")
+    hook, ids, roles, pad, ref, lengths = stack_states(states, model.language.pad_id, 0, "cpu")
+    real = packed.attention_mask.bool()
+    assert torch.equal(~pad, real) and torch.equal(ids[real], packed.ids[real])
+    assert torch.equal(roles[real], packed.roles[real]) and torch.equal(lengths, packed.prompt_lengths)
+    torch.testing.assert_close(hook[real], out.hook_states[real].float(), rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        tokens, _ = model.vision(collate(examples).pixels)
+        _, _, want = model.language_states(tokens, packed.ids, packed.attention_mask, packed.prompt_lengths)
+    torch.testing.assert_close(ref, want, rtol=2e-3, atol=2e-3)

@@ -4,6 +4,7 @@
                              [--model smol | qwen2.5-vl-7b --lm-path VLM_DIR --sam-path SAM_DIR | config.json]
     python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
     python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
+    python -m training refit --init runs/tiny/joint/model --run runs/tiny/refit [--set minutes=20 ...]
     python -m training calibrate --checkpoint runs/tiny/joint/model --data DIR --out-checkpoint runs/tiny/final [--dtype fp16]
     python -m training eval  --checkpoint DIR --data DIR [--split val] [--limit N] [--out FILE] [--save-masks DIR]
 
@@ -20,7 +21,7 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    for stage in ("sft", "sae", "joint"):
+    for stage in ("sft", "sae", "joint", "refit"):
         s = sub.add_parser(stage, help=f"the {stage} stage")
         s.add_argument("--run", required=True, help="run folder (model/, trainer_state.pt, logs)")
         s.add_argument("--preset", default="tiny", help="stage preset (tiny | smoke)")
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         from .sae_stage import run_sae
 
         run_sae(stage_config("sae", args.preset, overrides), args.init, args.run, resume=not args.fresh)
+    elif args.stage == "refit":
+        from .refit import run_refit
+
+        run_refit(stage_config("refit", args.preset, overrides), args.init, args.run, resume=not args.fresh)
     else:
         from .joint import run_joint
 

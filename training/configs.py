@@ -113,7 +113,34 @@ class JointConfig:
     seed: int = 0
 
 
-STAGE_CONFIGS = {"sft": SFTConfig, "sae": SAEStageConfig, "joint": JointConfig}
+@dataclass(frozen=True)
+class RefitConfig:
+    """The heads refit (training.refit): codebook, slot mapper, mask decoder and the vision mask neck on cached
+    layer-L states of a frozen language model."""
+
+    data: str = "data/shapeworld"
+    split: str = "train"
+    limit: int | None = 3000  # examples whose states are cached (~0.17 MB each for smol)
+    steps: int = 20000
+    minutes: float = 10.0
+    batch_size: int = 16
+    cache_batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seg_weight: float = 1.0
+    conf_weight: float = 1.0
+    conf_target: str = "match"  # as SFTConfig.conf_target
+    c_dice: float = 1.0
+    c_focal: float = 0.0
+    c_mask_bce: float = 1.0
+    ref_dropout: float = 0.0  # as JointConfig.ref_dropout
+    save_every: int = 200
+    seed: int = 0
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "sae": SAEStageConfig, "joint": JointConfig, "refit": RefitConfig}
 
 # Named stage presets (the shipped tiny checkpoint is trained with these).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -130,6 +157,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # conf_target="iou": val +0.045 / +0.055 and test -0.011 / +0.029 on runs 6 / 7 (docs/results.md, "smol, run 7")
         "joint": dict(steps=20000, minutes=15.0, batch_size=16, prompts=4, group_size=4, grpo_every=4, lr=1e-4,
                       ref_dropout=0.5, save_every=25, mixed_precision="bf16", conf_target="iou"),
+        "refit": dict(limit=4000, minutes=20.0, ref_dropout=0.5, conf_target="iou"),
     },
     # The smol model on one GPU (bf16): LoRA at 0.2 x the from-scratch parts' lr, larger batches,
     # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual
@@ -147,6 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sae": dict(limit=8, steps=20, batch_size=256, minutes=1.0),
         "joint": dict(steps=3, batch_size=4, prompts=2, group_size=2, grpo_every=2, max_new_tokens=8,
                       minutes=5.0, save_every=2, warmup_steps=1),
+        "refit": dict(limit=8, steps=3, batch_size=4, cache_batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),
     },
 }
 
