@@ -408,6 +408,10 @@ def test_refit_trains_only_the_heads_and_the_mask_neck(data, sae_run, tmp_path):
                  and not any(u in n for u in unused)}
     assert_trained_exactly(before, model, trainable)
     assert "refit done: 3 steps" in (tmp_path / "refit" / "refit.log").read_text()
+    # a second refit in the same folder reads the cached states instead of running the language model again
+    run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6, mixed_precision="bf16")), init,
+              tmp_path / "refit", resume=False)
+    assert "states of 6 examples loaded" in (tmp_path / "refit" / "refit.log").read_text()
 
 
 def test_refit_cache_holds_the_training_forward_states(data, sae_run):

@@ -137,6 +137,7 @@ class RefitConfig:
     c_mask_bce: float = 1.0
     ref_dropout: float = 0.0  # as JointConfig.ref_dropout
     save_every: int = 200
+    mixed_precision: str = "no"  # "no" | "bf16" (autocast of the heads' steps; the cached states stay fp32-computed)
     seed: int = 0
 
 
@@ -157,7 +158,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # conf_target="iou": val +0.045 / +0.055 and test -0.011 / +0.029 on runs 6 / 7 (docs/results.md, "smol, run 7")
         "joint": dict(steps=20000, minutes=15.0, batch_size=16, prompts=4, group_size=4, grpo_every=4, lr=1e-4,
                       ref_dropout=0.5, save_every=25, mixed_precision="bf16", conf_target="iou"),
-        "refit": dict(limit=4000, minutes=20.0, ref_dropout=0.5, conf_target="iou"),
+        "refit": dict(limit=4000, minutes=20.0, ref_dropout=0.5, conf_target="iou", mixed_precision="bf16"),
     },
     # The smol model on one GPU (bf16): LoRA at 0.2 x the from-scratch parts' lr, larger batches,
     # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual

@@ -75,6 +75,29 @@ def cache_states(model, examples: list[Example], batch_size: int = 16) -> list[C
     return cached
 
 
+STATES_FILE = "states.pt"
+
+
+def load_or_cache_states(run: Path, init: str | Path, model, examples: list[Example], cfg: RefitConfig
+                         ) -> list[CachedStates]:
+    """RUN/states.pt when it was cached from the same checkpoint and examples, else a fresh cache saved there
+    (a resumed or repeated refit then skips the language model; ~0.17 MB per smol example)."""
+    key = {"init": str(Path(init).resolve()), "data": str(Path(cfg.data).resolve()), "split": cfg.split,
+           "names": [e.name for e in examples]}
+    path = run / STATES_FILE
+    if path.is_file():
+        saved = torch.load(path, weights_only=True, mmap=True)
+        if saved["key"] == key:
+            log.info("refit: states of %d examples loaded from %s", len(examples), path)
+            return [CachedStates(**d) for d in saved["states"]]
+        log.info("refit: %s was cached from another checkpoint or data; caching again", path)
+    states = cache_states(model, examples, cfg.cache_batch_size)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "states": [s.__dict__ for s in states]}, tmp)
+    tmp.replace(path)
+    return states
+
+
 def stack_states(states: list[CachedStates], pad_id: int, special_role: int, device):
     """Right-padded [B, T] batch of cached states: (hook [B,T,D], ids, roles, pad [B,T] bool, ref [B,D], prompt lengths [B])."""
     B, T, D = len(states), max(len(s.ids) for s in states), states[0].hook.shape[1]
@@ -94,11 +117,14 @@ def refit_loss(model, batch, states: list[CachedStates], cfg: RefitConfig, devic
     from segcompass.records import TokenRole
 
     hook, ids, roles, pad, ref, lengths = stack_states(states, model.language.pad_id, int(TokenRole.SPECIAL), device)
-    _, feats = model.vision(batch.pixels.to(device))
     if cfg.ref_dropout > 0:
         ref = ref * (torch.rand(len(ref), 1, device=device) >= cfg.ref_dropout)
-    codes = model.codes_from_states(hook, pad) if model.baseline is None else None
-    heat, conf, masks = model.heads(codes, roles, pad, ref, feats, batch.valid_hw, ids, lengths)
+    # bf16 autocast (as SFT's): 1.12 s instead of 1.76 s per smol step of 16 on 2 cores (mostly the vision trunk)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        _, feats = model.vision(batch.pixels.to(device))
+        codes = model.codes_from_states(hook, pad) if model.baseline is None else None
+        heat, conf, masks = model.heads(codes, roles, pad, ref, feats, batch.valid_hw, ids, lengths)
+    heat, conf, masks = heat.float(), conf.float(), masks.float()
     seg = seg_losses(heat, masks, conf, [t.to(device) for t in batch.target_heat],
                      [t.to(device) for t in batch.target_mask], c_dice=cfg.c_dice, c_focal=cfg.c_focal,
                      c_mask_bce=cfg.c_mask_bce, conf_target=cfg.conf_target)
@@ -120,7 +146,9 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     model = SegCompass.from_pretrained(run / MODEL_DIR if state is not None else init)
     device = model._device()
     examples = load_examples(cfg.data, cfg.split, model.config, cfg.limit)
-    states = cache_states(model, examples, cfg.cache_batch_size)  # the LM is frozen: resuming re-caches the same
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    states = load_or_cache_states(run, init, model, examples, cfg)
     model.requires_grad_(False)
     modules = trained_modules(model)
     for m in modules:
