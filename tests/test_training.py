@@ -433,3 +433,22 @@ def test_refit_cache_holds_the_training_forward_states(data, sae_run):
         tokens, _ = model.vision(collate(examples).pixels)
         _, _, want = model.language_states(tokens, packed.ids, packed.attention_mask, packed.prompt_lengths)
     torch.testing.assert_close(ref, want, rtol=2e-3, atol=2e-3)
+
+
+def test_refit_swaps_in_a_fresh_latent_query_head_on_the_frozen_model(data, sae_run, tmp_path):
+    from training.refit import run_refit
+
+    init = sae_run / "model"
+    before = snapshot(SegCompass.from_pretrained(init))
+    out = run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6, head="latent_query")), init,
+                    tmp_path / "lq", resume=False)
+    model = SegCompass.from_pretrained(out)
+    assert model.config.head == "latent_query" and model.baseline is not None
+    unused = ("iou_prediction_head", "point_embed", "not_a_point_embed", "prompt_encoder.mask_embed.")
+    trainable = {n for n, _ in model.named_parameters() if n.startswith(("mask_decoder.", "vision.neck."))
+                 and not any(u in n for u in unused)}
+    assert_trained_exactly({n: p for n, p in before.items() if n in dict(model.named_parameters())}, model,
+                           trainable | {n for n, _ in model.named_parameters() if n.startswith("baseline.")})
+    with pytest.raises(ValueError, match="box_text"):
+        run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6, head="box_text")), init,
+                  tmp_path / "bt", resume=False)

@@ -138,6 +138,8 @@ class RefitConfig:
     ref_dropout: float = 0.0  # as JointConfig.ref_dropout
     save_every: int = 200
     mixed_precision: str = "no"  # "no" | "bf16" (autocast of the heads' steps; the cached states stay fp32-computed)
+    head: str | None = None  # None: the checkpoint's; "latent_query" / "segcompass": a fresh readout of that kind on the
+    # same frozen LM, vision encoder and mask decoder (training.refit.swap_head; the baselines keep ref_dropout 0)
     seed: int = 0
 
 
@@ -170,6 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sae": dict(limit=2000, compare=False, minutes=0.5, normalize="dim"),
         "joint": dict(steps=20000, minutes=2.0, batch_size=32, prompts=8, group_size=4, grpo_every=4, lr=1e-4,
                       save_every=250, mixed_precision="bf16"),
+        "refit": dict(limit=4000, minutes=3.0, batch_size=32, ref_dropout=0.5, mixed_precision="bf16"),
     },
     "smoke": {  # seconds: tests and quick checks
         "sft": dict(steps=3, batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
+from .common import (MODEL_DIR, Batches, Clock, default_device, load_state, lr_factor, resume_state, save_state, seed_everything,
                      set_lr, setup_run)
 from .configs import RefitConfig, save_config
 from .examples import Example, collate, completion_cot, load_examples
@@ -46,6 +46,27 @@ def trained_modules(model) -> list[torch.nn.Module]:
     heads = [model.mask_decoder, model.vision.neck]
     heads += [model.codebook, model.slot_mapper] if model.baseline is None else [model.baseline]
     return heads
+
+
+def swap_head(model, head: str):
+    """Give `model` a fresh readout head on the same language model, vision encoder and mask decoder (a readout
+    comparison on one frozen LM): "segcompass" = new codebook and slot mapper, "latent_query" = a new LISA-style
+    head. Not "box_text": its readout is text that the frozen language model would have to learn to write."""
+    from segcompass.baselines import build_head
+    from segcompass.codebook import QueryCodebook
+    from segcompass.slot_mapper import SlotMapper
+
+    if head == "box_text":
+        raise ValueError("refit cannot swap in box_text: its boxes are text the frozen language model would have to write")
+    config = model.config.replace(head=head)
+    width, device = model.language.lm.config.hidden_size, model._device()
+    baseline = build_head(config, model.tokenizer, width)
+    model.baseline = None if baseline is None else baseline.to(device)
+    if head == "segcompass":
+        model.codebook = QueryCodebook(config.sae.d_sae, config.codebook).to(device)
+        model.slot_mapper = SlotMapper(config.codebook.dim, width, config.mask.dim, config.mask.heatmap_heads).to(device)
+    model.config = config
+    return model
 
 
 @torch.no_grad()
@@ -143,8 +164,11 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     save_config(cfg, run / "refit_config.json")
     seed_everything(cfg.seed)
     state = load_state(run) if resume else None
-    model = SegCompass.from_pretrained(run / MODEL_DIR if state is not None else init)
+    model = SegCompass.from_pretrained(run / MODEL_DIR if state is not None else init, device=default_device())
     device = model._device()
+    if state is None and cfg.head:
+        swap_head(model, cfg.head)
+        log.info("refit: head swapped to a fresh %s head", cfg.head)
     examples = load_examples(cfg.data, cfg.split, model.config, cfg.limit)
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
