@@ -412,6 +412,12 @@ def test_refit_trains_only_the_heads_and_the_mask_neck(data, sae_run, tmp_path):
     run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6, mixed_precision="bf16")), init,
               tmp_path / "refit", resume=False)
     assert "states of 6 examples loaded" in (tmp_path / "refit" / "refit.log").read_text()
+    (tmp_path / "refit" / "states.pt").write_bytes(b"not a torch file")  # a corrupt cache is rebuilt, not fatal
+    run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6)), init, tmp_path / "refit", resume=False)
+    assert "is unreadable" in (tmp_path / "refit" / "refit.log").read_text()
+    with pytest.raises(ValueError, match="ref_dropout=0"):
+        run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=6, head="latent_query", ref_dropout=0.5)),
+                  init, tmp_path / "lq", resume=False)
 
 
 def test_refit_cache_holds_the_training_forward_states(data, sae_run):

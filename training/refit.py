@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (MODEL_DIR, Batches, Clock, default_device, load_state, lr_factor, resume_state, save_state, seed_everything,
-                     set_lr, setup_run)
+from .common import (MODEL_DIR, Batches, Clock, default_device, load_state, lr_factor, resume_state, save_state,
+                     seed_everything, set_lr, setup_run)
 from .configs import RefitConfig, save_config
 from .examples import Example, collate, completion_cot, load_examples
 from .losses import seg_losses
@@ -107,11 +107,14 @@ def load_or_cache_states(run: Path, init: str | Path, model, examples: list[Exam
            "names": [e.name for e in examples]}
     path = run / STATES_FILE
     if path.is_file():
-        saved = torch.load(path, weights_only=True, mmap=True)
-        if saved["key"] == key:
-            log.info("refit: states of %d examples loaded from %s", len(examples), path)
-            return [CachedStates(**d) for d in saved["states"]]
-        log.info("refit: %s was cached from another checkpoint or data; caching again", path)
+        try:
+            saved = torch.load(path, weights_only=True, mmap=True)
+            if saved["key"] == key:
+                log.info("refit: states of %d examples loaded from %s", len(examples), path)
+                return [CachedStates(**d) for d in saved["states"]]
+            log.info("refit: %s was cached from another checkpoint or data; caching again", path)
+        except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as err:
+            log.warning("refit: %s is unreadable (%s); caching again", path, err)
     states = cache_states(model, examples, cfg.cache_batch_size)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "states": [s.__dict__ for s in states]}, tmp)
@@ -160,6 +163,8 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
 
     from segcompass.model import SegCompass
 
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     run = setup_run(run_dir, "refit")
     save_config(cfg, run / "refit_config.json")
     seed_everything(cfg.seed)
@@ -169,9 +174,9 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     if state is None and cfg.head:
         swap_head(model, cfg.head)
         log.info("refit: head swapped to a fresh %s head", cfg.head)
+    if model.baseline is not None and cfg.ref_dropout > 0:
+        raise ValueError(f"a {model.config.head} head reads only the reference state: refit it with ref_dropout=0")
     examples = load_examples(cfg.data, cfg.split, model.config, cfg.limit)
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     states = load_or_cache_states(run, init, model, examples, cfg)
     model.requires_grad_(False)
     modules = trained_modules(model)
