@@ -6,7 +6,7 @@
 # MODEL=tiny|smol|smol-gpu picks the model and its stage preset (training/configs.py PRESETS; default tiny).
 # Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS, REFIT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
 # REFIT=1 adds the heads refit after joint (training/refit.py: the mask path on cached, frozen LM states);
-# on by default for MODEL=smol* (smol run 7: test gIoU 0.447 -> 0.476), off for tiny (v9: 0.584 -> 0.584).
+# on by default for MODEL=smol* (smol run 7: test gIoU 0.447 -> 0.485), off for tiny (v9: 0.584 -> 0.584).
 # Every stage resumes from its run folder: rerun the same command after an interruption.
 set -euo pipefail
 HEAD_NAME=${1:-segcompass}
