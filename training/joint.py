@@ -25,7 +25,7 @@ from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_st
 from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
 from .grpo import completion_logprobs, group_advantages, grpo_loss
-from .losses import seg_losses
+from .losses import stage_seg_losses
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 from .rewards import format_reward, mask_score, total_reward
 from .sft import completion_ce, teacher_forced
@@ -34,10 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
-    return seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
-                      [t.to(device) for t in batch_targets_heat], [t.to(device) for t in batch_targets_mask],
-                      c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce,
-                      conf_target=cfg.conf_target)
+    return stage_seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits, batch_targets_heat,
+                            batch_targets_mask, cfg, device)
 
 
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:

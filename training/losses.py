@@ -157,6 +157,14 @@ def seg_losses(
     return SegLosses(confidence=confidence, matches=matches, union=union, **mean)
 
 
+def stage_seg_losses(heat_BKhw, mask_BKHW, conf_BK, targets_heat, targets_mask, cfg, device) -> SegLosses:
+    """`seg_losses` with a stage config's weights (c_dice, c_focal, c_mask_bce, conf_target: SFT, joint and
+    refit configs all carry them), the per-example targets moved to `device`."""
+    return seg_losses(heat_BKhw, mask_BKHW, conf_BK, [t.to(device) for t in targets_heat],
+                      [t.to(device) for t in targets_mask], c_dice=cfg.c_dice, c_focal=cfg.c_focal,
+                      c_mask_bce=cfg.c_mask_bce, conf_target=cfg.conf_target)
+
+
 @torch.no_grad()
 def best_mask_iou(mask_KHW: torch.Tensor, target_NHW: torch.Tensor, weight_P: torch.Tensor | None = None) -> torch.Tensor:
     """[K] each slot's best hard IoU (mask logit > 0 vs target > 0.5, over weighted pixels) with any target.

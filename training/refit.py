@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from segcompass.records import TokenRole
+
 from .common import (MODEL_DIR, Batches, Clock, default_device, load_state, lr_factor, resume_state, save_state,
                      seed_everything, set_lr, setup_run)
 from .configs import RefitConfig, save_config
 from .examples import Example, collate, completion_cot, load_examples
-from .losses import seg_losses
+from .losses import stage_seg_losses
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,6 @@ def stack_states(states: list[CachedStates], pad_id: int, special_role: int, dev
 
 
 def refit_loss(model, batch, states: list[CachedStates], cfg: RefitConfig, device) -> tuple[torch.Tensor, dict]:
-    from segcompass.records import TokenRole
-
     hook, ids, roles, pad, ref, lengths = stack_states(states, model.language.pad_id, int(TokenRole.SPECIAL), device)
     if cfg.ref_dropout > 0:
         ref = ref * (torch.rand(len(ref), 1, device=device) >= cfg.ref_dropout)
@@ -149,9 +149,7 @@ def refit_loss(model, batch, states: list[CachedStates], cfg: RefitConfig, devic
         codes = model.codes_from_states(hook, pad) if model.baseline is None else None
         heat, conf, masks = model.heads(codes, roles, pad, ref, feats, batch.valid_hw, ids, lengths)
     heat, conf, masks = heat.float(), conf.float(), masks.float()
-    seg = seg_losses(heat, masks, conf, [t.to(device) for t in batch.target_heat],
-                     [t.to(device) for t in batch.target_mask], c_dice=cfg.c_dice, c_focal=cfg.c_focal,
-                     c_mask_bce=cfg.c_mask_bce, conf_target=cfg.conf_target)
+    seg = stage_seg_losses(heat, masks, conf, batch.target_heat, batch.target_mask, cfg, device)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach()),
                   "dice": float(seg.mask_dice.detach())}

@@ -18,7 +18,7 @@ from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_st
                      set_lr, setup_run)
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, completion_cot, corpus, load_examples
-from .losses import seg_losses
+from .losses import stage_seg_losses
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,8 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=N
             loss = loss + cfg.naming_weight * naming
             stats["name"] = float(naming.detach())
     if cfg.mask_loss:
-        seg = seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits,
-                         [t.to(device) for t in batch.target_heat], [t.to(device) for t in batch.target_mask],
-                         c_dice=cfg.c_dice, c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce,
-                         conf_target=cfg.conf_target)
+        seg = stage_seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits, batch.target_heat,
+                               batch.target_mask, cfg, device)
         loss = loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
         stats.update(seg=float(seg.seg.detach()), conf=float(seg.confidence.detach()),
                      dice=float(seg.mask_dice.detach()))
