@@ -120,7 +120,7 @@ class RefitConfig:
 
     data: str = "data/shapeworld"
     split: str = "train"
-    limit: int | None = 3000  # examples whose states are cached (~0.17 MB each for smol)
+    limit: int | None = 3000  # examples whose states are cached (~0.15 MB each for smol)
     steps: int = 20000
     minutes: float = 10.0
     batch_size: int = 16

@@ -104,7 +104,7 @@ STATES_FILE = "states.pt"
 def load_or_cache_states(run: Path, init: str | Path, model, examples: list[Example], cfg: RefitConfig
                          ) -> list[CachedStates]:
     """RUN/states.pt when it was cached from the same checkpoint and examples, else a fresh cache saved there
-    (a resumed or repeated refit then skips the language model; ~0.17 MB per smol example)."""
+    (a resumed or repeated refit then skips the language model; ~0.15 MB per smol example)."""
     key = {"init": str(Path(init).resolve()), "data": str(Path(cfg.data).resolve()), "split": cfg.split,
            "names": [e.name for e in examples]}
     path = run / STATES_FILE
