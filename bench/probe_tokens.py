@@ -17,13 +17,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from training.examples import stack_pixels
+
 
 def _features(model, examples, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            tokens, _ = model.vision(torch.stack([e.pixels for e in chunk]).float())
+            tokens, _ = model.vision(stack_pixels(chunk))
             feats.append(tokens.reshape(-1, tokens.shape[-1]))
             labels.append(torch.stack([e.token_labels[:, :3] for e in chunk]).reshape(-1, 3))
     return torch.cat(feats), torch.cat(labels)

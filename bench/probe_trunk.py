@@ -17,6 +17,7 @@ import sys
 import torch
 
 from bench.probe_tokens import fit_probe, labelled_examples
+from training.examples import stack_pixels
 
 DEFAULT_SETS = ("head", "stride32", "stride16.avg", "stride16.max", "stride8.max", "pixels",
                 "head+stride32+stride16.avg+stride8.avg+stride8.max",
@@ -45,7 +46,7 @@ def _collect(backbone, examples, grid: int, batch_size: int = 32):
             chunk = examples[i : i + batch_size]
             labs = torch.stack([e.token_labels[:, :3] for e in chunk]).reshape(-1, 3)
             keep = labs[:, 0] >= 0  # only tokens over an object: the maps of all tokens would not fit
-            for k, v in _taps(backbone, torch.stack([e.pixels for e in chunk]).float(), grid).items():
+            for k, v in _taps(backbone, stack_pixels(chunk), grid).items():
                 feats.setdefault(k, []).append(v[keep].clone())
             labels.append(labs[keep])
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)

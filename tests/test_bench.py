@@ -93,6 +93,35 @@ def test_train_step_reports_the_frozen_trunks_share_for_smol(data, capsys):
     assert out["trunk_cache_mb_per_example_fp16"] > 0.1  # the taps EfficientNet gives at 256 px (~0.33 MB)
 
 
+def test_probes_feed_the_encoder_the_pixels_training_feeds_it(data):
+    """The probes once fed uint8 0..255 pixels to encoders trained on 0..1 (EfficientNet's probes read
+    shape at 0.86 instead of 0.94): their features must equal the encoder's output on a training batch."""
+    import torch
+
+    from bench.probe_tokens import _features, labelled_examples
+    from segcompass.model import SegCompass
+    from training.examples import collate
+
+    model = SegCompass.from_pretrained(CHECKPOINT).eval()
+    train, _ = labelled_examples(str(data), "val", model.config, 4)
+    feats, _ = _features(model, train)
+    with torch.no_grad():
+        tokens, _ = model.vision(collate(train).pixels)
+    assert torch.allclose(feats, tokens.reshape(-1, tokens.shape[-1]), atol=1e-5)
+
+
+def test_perception_bench_trains_the_token_path_alone(data, capsys):
+    from bench.perception import main
+
+    out = run(main, ["--model", "tiny", "--data", str(data), "--train", "8", "--split", "val", "--steps", "3",
+                     "--batch-size", "4", "--threads", "1", "--set", "width=64"], capsys)
+    assert out["vision"]["width"] == 64 and out["steps"] == 3 and out["trainable_parameters"] > 0
+    assert set(out["held_out_accuracy"]) == {"colour", "shape", "size"}
+    assert all(0.0 <= v <= 1.0 for v in out["held_out_accuracy"].values())
+    with pytest.raises(SystemExit, match="unknown VisionConfig field"):
+        main(["--model", "tiny", "--data", str(data), "--set", "nope=1"])
+
+
 def test_probe_trunk_reads_colour_from_the_frozen_efficientnet_maps(data, capsys):
     import importlib.util
 

@@ -178,6 +178,25 @@ def test_without_a_shipped_checkpoint_the_default_is_a_clear_error(tiny_model, t
     assert defaults.resolve_checkpoint(None) == tmp_path / "empty" / "tiny"
 
 
+def test_the_default_checkpoint_is_the_best_measured_one(tiny_model, tmp_path, monkeypatch):
+    """Shipping a second model makes it the default only if its recorded test gIoU is higher."""
+    from segcompass import defaults
+
+    monkeypatch.setattr(defaults, "CHECKPOINT_DIR", tmp_path)
+    for name, giou in [("smol", 0.40), ("tiny", 0.58), ("unscored", None)]:
+        tiny_model.save_pretrained(tmp_path / name)
+        if giou is not None:
+            (tmp_path / name / "eval_test.json").write_text(json.dumps({"gIoU": giou}))
+    (tmp_path / "half").mkdir()  # no weights: not a checkpoint
+    (tmp_path / "half" / "eval_test.json").write_text(json.dumps({"gIoU": 0.99}))
+    assert [f.name for f in defaults.shipped_checkpoints()] == ["tiny", "smol", "unscored"]
+    assert defaults.default_checkpoint() == tmp_path / "tiny"
+    (tmp_path / "smol" / "eval_test.json").write_text(json.dumps({"gIoU": 0.76}))
+    assert defaults.default_checkpoint() == tmp_path / "smol"
+    (tmp_path / "smol" / "eval_test.json").write_text("{not json")  # unreadable: ranks last
+    assert defaults.default_checkpoint() == tmp_path / "tiny"
+
+
 def test_encode_batch_matches_encode_one_at_a_time(scene):
     """Batched greedy generation (evaluation) gives each example the trace `encode` gives it alone,
     with prompts of different lengths (left padding) and images of different sizes."""

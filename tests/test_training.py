@@ -84,6 +84,24 @@ def test_sft_resumes_from_the_saved_step(data, sft_run, tmp_path):
     assert "resuming SFT from step 3" in (tmp_path / "sft" / "sft.log").read_text()
 
 
+def test_sft_init_trains_a_checkpoint_further_and_checks_the_head(data, sft_run, tmp_path):
+    """`sft --init CKPT`: the checkpoint's weights and tokenizer, a fresh schedule; a head mismatch is refused."""
+    from training.__main__ import main
+
+    run, _, _ = sft_run
+    start = SegCompass.from_pretrained(run / "model")
+    base = ["sft", "--preset", "smoke", "--data", str(data), "--init", str(run / "model")]
+    assert main(base + ["--run", str(tmp_path / "more"), "--set", "steps=2"]) == 0
+    more = SegCompass.from_pretrained(tmp_path / "more" / "model")
+    assert torch.load(tmp_path / "more" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert more.tokenizer.get_vocab() == start.tokenizer.get_vocab()
+    assert not torch.equal(more.codebook.W_cb.weight, start.codebook.W_cb.weight)
+    assert torch.equal(more.sae.W_enc, start.sae.W_enc)  # SFT never trains the SAE
+    assert "SFT from the weights of" in (tmp_path / "more" / "sft.log").read_text()
+    with pytest.raises(ValueError, match="pass --head segcompass"):
+        main(base + ["--run", str(tmp_path / "bad"), "--head", "latent_query"])
+
+
 @pytest.fixture(scope="module")
 def sae_run(data, sft_run):
     from training.sae_stage import run_sae

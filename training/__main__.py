@@ -1,6 +1,7 @@
 """python -m training {sft,sae,joint,eval} ...  (thin: heavy imports happen inside each stage)
 
     python -m training sft   --run runs/tiny/sft   [--head segcompass|latent_query|box_text] [--set key=value ...]
+                             [--init CHECKPOINT]   (train a checkpoint further instead of a fresh model)
                              [--model smol | qwen2.5-vl-7b --lm-path VLM_DIR --sam-path SAM_DIR | config.json]
     python -m training sae   --init runs/tiny/sft/model   --run runs/tiny/sae   [--set kind=relu ...]
     python -m training joint --init runs/tiny/sae/model   --run runs/tiny/joint [--set group_size=8 ...]
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="model preset (tiny | smol | qwen2.5-vl-7b | llava-1.5-7b | llava-1.5-13b) or config.json")
             s.add_argument("--lm-path", default=None, help="full scale: local Hugging Face VLM folder")
             s.add_argument("--sam-path", default=None, help="full scale: local SAM folder (SamModel format)")
+            s.add_argument("--init", default=None,
+                           help="start from this checkpoint's weights (e.g. assets/checkpoints/smol) instead of a "
+                                "fresh model; its preset, head and tokenizer are kept")
         else:
             s.add_argument("--init", required=True, help="checkpoint folder the stage starts from")
     e = sub.add_parser("eval", help="evaluate a checkpoint with encode + decode")
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides[key] = value
         from .sft import run_sft
 
-        run_sft(stage_config("sft", args.preset, overrides), args.run, resume=not args.fresh)
+        run_sft(stage_config("sft", args.preset, overrides), args.run, resume=not args.fresh, init=args.init)
     elif args.stage == "sae":
         from .sae_stage import run_sae
 

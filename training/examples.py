@@ -207,9 +207,14 @@ def _prepare_all(samples, config: SegCompassConfig, desc: str, min_parallel: int
     return out
 
 
+def stack_pixels(examples) -> torch.Tensor:
+    """[B, 3, S, S] float in [0, 1], what the vision encoder takes, from the examples' uint8 pixels."""
+    return torch.stack([e.pixels for e in examples]).float() / 255.0
+
+
 def collate(examples: list[Example]) -> Batch:
     return Batch(
-        pixels=torch.stack([e.pixels for e in examples]).float() / 255.0,
+        pixels=stack_pixels(examples),
         valid_hw=[e.valid_hw for e in examples], examples=list(examples),
     )
 

@@ -154,12 +154,18 @@ def sft_setup(model, cfg: SFTConfig, probe_batch: Batch, device, cast_weights: b
     return torch.optim.AdamW(groups), aux_head, vocab
 
 
-def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None, model=None) -> Path:
-    """Train (or resume) SFT in run_dir; `model` optionally supplies the fresh model (tests)."""
+def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=None, model=None,
+            init: str | Path | None = None) -> Path:
+    """Train (or resume) SFT in run_dir; `model` optionally supplies the fresh model (tests).
+
+    `init`: start from this checkpoint's weights (e.g. a shipped one, to train it further) instead of a
+    fresh model, with a fresh optimizer and schedule; its model config (preset, head, tokenizer) is
+    used, so cfg.preset / lm_path / sam_path are ignored and cfg.head must match."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
     from segcompass.build import build_model
+    from segcompass.config import SegCompassConfig
     from segcompass.model import SegCompass
     from segcompass.tokenizer import build_word_tokenizer
 
@@ -167,10 +173,19 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     save_config(cfg, run / "sft_config.json")
     seed_everything(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    model_cfg = model_config(cfg)
+    state = load_state(run) if resume else None
+    if state is None and init is not None:
+        model = SegCompass.from_pretrained(init)
+        if model.config.head != cfg.head:
+            raise ValueError(f"--init {init} is a {model.config.head} model but the SFT head is {cfg.head}: "
+                             f"pass --head {model.config.head}")
+        log.info("SFT from the weights of %s (%s preset)", init, model.config.preset)
+    if init is None:
+        model_cfg = model_config(cfg)
+    else:  # resumed or not, a run started from a checkpoint keeps that checkpoint's model config
+        model_cfg = SegCompassConfig.load(Path(run / MODEL_DIR if state is not None else init) / "config.json")
     if examples is None:
         examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
-    state = load_state(run) if resume else None
     if state is not None:
         model = SegCompass.from_pretrained(run / MODEL_DIR)
         log.info("resuming SFT from step %d", state["step"])
