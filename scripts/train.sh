@@ -4,7 +4,9 @@
 # DATA (default data/shapeworld) is generated when missing (JOBS processes, default all cores),
 # N_TRAIN (default 6000) train scenes.
 # MODEL=tiny|smol|smol-gpu picks the model and its stage preset (training/configs.py PRESETS; default tiny).
-# Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS, REFIT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000").
+# Extra stage options: SFT_ARGS, SAE_ARGS, JOINT_ARGS, REFIT_ARGS (e.g. JOINT_ARGS="--set steps=900 --set minutes=1000");
+# SFT_ARGS="--init assets/checkpoints/smol" trains the shipped smol further instead of a fresh model.
+# DTYPE (fp32 | fp16 | bf16; default fp16 for smol, fp32 for tiny): the weights of RUN/final, the evaluated checkpoint.
 # REFIT=1 adds the heads refit after joint (training/refit.py: the mask path on cached, frozen LM states);
 # on by default for MODEL=smol* (smol run 7: test gIoU 0.447 -> 0.485), off for tiny (v9: 0.584 -> 0.584).
 # Every stage resumes from its run folder: rerun the same command after an interruption.
@@ -43,8 +45,10 @@ if [ "$REFIT" = 1 ]; then
   HEADS="$ROOT/refit/model"
 fi
 # The one global decision rule of decode (slot confidence threshold) is picked on val, never on test.
+# The final checkpoint is written in DTYPE (smol: fp16, as shipped, so the test score is the shipped model's).
+case "$MODEL" in smol*) DTYPE=${DTYPE:-fp16} ;; *) DTYPE=${DTYPE:-fp32} ;; esac
 python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$HEADS" --data "$DATA" --split val \
-  --out-checkpoint "$ROOT/final" > "$ROOT/calibration.json"
+  --out-checkpoint "$ROOT/final" --dtype "$DTYPE" > "$ROOT/calibration.json"
 stamp "calibrate done"
 python -m training eval --threads "${THREADS:-0}" --checkpoint "$ROOT/final" --data "$DATA" --split test --out "$ROOT/eval_test.json"
 stamp "eval done"
