@@ -218,3 +218,32 @@ def test_grow_adds_mask_pixel_inputs_without_changing_what_the_model_computes(tm
     assert state["step"] == 7 and moments["exp_avg"].shape == (128, 481, 1, 1)
     assert torch.equal(moments["exp_avg"][:, :472], opt.state[neck.weight]["exp_avg"])
     assert not moments["exp_avg_sq"][:, 472:].any()
+
+
+def test_the_shipped_smol_checkpoint_is_small_fp16_scored_and_predicts(scene):
+    """assets/checkpoints/smol: trained weights only (no package weights), fp16, under 60 MB, with the
+    test score it was shipped with; it loads on the installed packages and segments a picture."""
+    import json
+
+    from safetensors import safe_open
+
+    from segcompass.defaults import CHECKPOINT_DIR, measured_giou
+    from segcompass.model import SegCompass
+
+    folder = CHECKPOINT_DIR / "smol"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("no smol checkpoint shipped")
+    assert (folder / "model.safetensors").stat().st_size < 60 * 2**20
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert f.metadata()["preset"] == "smol"
+        dtypes = {f.get_slice(n).get_dtype() for n in names}
+    assert not any(n.startswith("vision.backbone.") or "base_layer" in n for n in names)
+    assert any("lora_A" in n for n in names)
+    assert dtypes <= {"F16", "I64"}, dtypes
+    assert measured_giou(folder) is not None
+    assert json.loads((folder / "eval_test.json").read_text())["count"] == 500
+    model = SegCompass.from_pretrained(folder).eval()
+    trace = model.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
+    pred = model.decode(trace)
+    assert pred.mask.shape == scene.shape[:2] and len(pred.confidences) == model.config.codebook.num_slots
