@@ -28,17 +28,13 @@ import torch
 
 def vision_config(model: str, overrides: list[str]):
     from segcompass.presets import get_preset
+    from training.configs import parse_override
 
     cfg = get_preset(model)
-    values = {}
-    for kv in overrides:
-        key, _, raw = kv.partition("=")
-        if not hasattr(cfg.vision, key):
-            raise SystemExit(f"unknown VisionConfig field {key!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
+    values = dict(parse_override(kv) for kv in overrides)
+    unknown = [key for key in values if not hasattr(cfg.vision, key)]
+    if unknown:
+        raise SystemExit(f"unknown VisionConfig field {unknown[0]!r}")
     return cfg.replace(vision=dataclasses.replace(cfg.vision, **values))
 
 

@@ -165,7 +165,6 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     from tqdm import tqdm
 
     from segcompass.build import build_model
-    from segcompass.config import SegCompassConfig
     from segcompass.model import SegCompass
     from segcompass.tokenizer import build_word_tokenizer
 
@@ -174,22 +173,20 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     seed_everything(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     state = load_state(run) if resume else None
-    if state is None and init is not None:
+    if state is not None:
+        model = SegCompass.from_pretrained(run / MODEL_DIR)
+        log.info("resuming SFT from step %d", state["step"])
+    elif init is not None:
         model = SegCompass.from_pretrained(init)
         if model.config.head != cfg.head:
             raise ValueError(f"--init {init} is a {model.config.head} model but the SFT head is {cfg.head}: "
                              f"pass --head {model.config.head}")
         log.info("SFT from the weights of %s (%s preset)", init, model.config.preset)
-    if init is None:
-        model_cfg = model_config(cfg)
-    else:  # resumed or not, a run started from a checkpoint keeps that checkpoint's model config
-        model_cfg = SegCompassConfig.load(Path(run / MODEL_DIR if state is not None else init) / "config.json")
+    # resumed or not, a run started from a checkpoint keeps that checkpoint's model config
+    model_cfg = model_config(cfg) if init is None else model.config
     if examples is None:
         examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
-    if state is not None:
-        model = SegCompass.from_pretrained(run / MODEL_DIR)
-        log.info("resuming SFT from step %d", state["step"])
-    elif model is None:
+    if model is None:
         model = build_model(model_cfg, tokenizer=build_word_tokenizer(corpus(examples)))
     model.train()
     set_trainable(model, "sft")
