@@ -15,6 +15,8 @@ HEAD_NAME=${1:-segcompass}
 MODEL=${MODEL:-tiny}
 ROOT=${2:-runs/$MODEL-$HEAD_NAME}
 DATA=${DATA:-data/shapeworld}
+# per-model defaults of REFIT and DTYPE (see above)
+case "$MODEL" in smol*) REFIT=${REFIT:-1} DTYPE=${DTYPE:-fp16} ;; *) REFIT=${REFIT:-0} DTYPE=${DTYPE:-fp32} ;; esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$(dirname "$0")/.."
 if [ ! -d "$DATA/test" ]; then
@@ -38,7 +40,6 @@ fi
 python -m training joint "${STAGE[@]}" --init "$INIT" --run "$ROOT/joint" --data "$DATA" ${JOINT_ARGS:-}
 stamp "joint done"
 HEADS="$ROOT/joint/model"
-case "$MODEL" in smol*) REFIT=${REFIT:-1} ;; *) REFIT=${REFIT:-0} ;; esac
 if [ "$REFIT" = 1 ]; then
   python -m training refit "${STAGE[@]}" --init "$HEADS" --run "$ROOT/refit" --data "$DATA" ${REFIT_ARGS:-}
   stamp "refit done"
@@ -46,7 +47,6 @@ if [ "$REFIT" = 1 ]; then
 fi
 # The one global decision rule of decode (slot confidence threshold) is picked on val, never on test.
 # The final checkpoint is written in DTYPE (smol: fp16, as shipped, so the test score is the shipped model's).
-case "$MODEL" in smol*) DTYPE=${DTYPE:-fp16} ;; *) DTYPE=${DTYPE:-fp32} ;; esac
 python -m training calibrate --threads "${THREADS:-0}" --checkpoint "$HEADS" --data "$DATA" --split val \
   --out-checkpoint "$ROOT/final" --dtype "$DTYPE" > "$ROOT/calibration.json"
 stamp "calibrate done"

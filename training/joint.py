@@ -20,12 +20,12 @@ import torch
 
 from segcompass.slot_mapper import kept_slots
 
-from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
-                     set_lr, setup_run)
+from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
 from .grpo import completion_logprobs, group_advantages, grpo_loss
 from .losses import stage_seg_losses
+from .loop import train_loop
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 from .rewards import format_reward, mask_score, total_reward
 from .sft import completion_ce, teacher_forced
@@ -107,7 +107,6 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
 
 def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: bool = True, examples=None) -> Path:
     from accelerate import Accelerator
-    from tqdm import tqdm
 
     from segcompass.model import SegCompass
 
@@ -142,10 +141,10 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
     log.info("joint: %d examples, %d trainable parameters, G=%d, %d prompts per GRPO step", len(examples),
              sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.group_size, cfg.prompts)
-    bar = tqdm(total=cfg.steps, initial=step, desc="joint", unit="step")
     n_grpo = 0
-    while not clock.done(step):
-        set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
+
+    def joint_step(step: int):
+        nonlocal n_grpo
         is_grpo = cfg.grpo_every > 0 and step % cfg.grpo_every == cfg.grpo_every - 1
         with accelerator.autocast(), attention_kernel(device):  # autocast: no-op unless mixed_precision is set
             if is_grpo:
@@ -155,19 +154,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
             else:
                 batch = collate([examples[i] for i in batches.at(step)])
                 loss, stats = supervised_step(inner, batch, cfg, device)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        if is_grpo or step % 25 == 0:
-            log.info("step %d %s %s  %.0fs", step, "grpo" if is_grpo else "seg ",
-                     " ".join(f"{k} {v:.4f}" for k, v in stats.items()), clock.seconds())
-        if step % cfg.save_every == 0:
-            save_state(run, inner, optimizer, step, clock)
-    bar.close()
-    save_state(run, inner, optimizer, step, clock)
-    log.info("joint done: %d steps in %.1f s -> %s", step, clock.seconds(), run / MODEL_DIR)
+        return loss, stats, "grpo" if is_grpo else ""
+
+    train_loop("joint", run, inner, optimizer, clock, step, cfg, joint_step, accelerator)
     return run / MODEL_DIR

@@ -22,11 +22,11 @@ import torch
 
 from segcompass.records import TokenRole
 
-from .common import (MODEL_DIR, Batches, Clock, default_device, load_state, lr_factor, resume_state, save_state,
-                     seed_everything, set_lr, setup_run)
+from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
 from .configs import RefitConfig, save_config
 from .examples import Example, collate, completion_cot, load_examples
 from .losses import stage_seg_losses
+from .loop import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,6 @@ def refit_loss(model, batch, states: list[CachedStates], cfg: RefitConfig, devic
 
 def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: bool = True) -> Path:
     """Refit the heads of the checkpoint `init` (or resume run_dir); returns the checkpoint folder."""
-    from tqdm import tqdm
-
     from segcompass.model import SegCompass
 
     if cfg.mixed_precision not in ("no", "bf16"):
@@ -187,24 +185,11 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     model.train()
     batches = Batches(len(examples), min(cfg.batch_size, len(examples)), cfg.seed)
     log.info("refit: %d examples cached, %d trainable parameters", len(examples), sum(p.numel() for p in params))
-    bar = tqdm(total=cfg.steps, initial=step, desc="refit", unit="step")
-    while not clock.done(step):
-        set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
+
+    def refit_step(step: int):
         idx = batches.at(step)
         loss, stats = refit_loss(model, collate([examples[i] for i in idx]), [states[i] for i in idx], cfg, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        if step % 50 == 0:
-            log.info("step %d  %s  lr %.2e  %.0fs", step, " ".join(f"{k} {v:.4f}" for k, v in stats.items()),
-                     optimizer.param_groups[0]["lr"], clock.seconds())
-        if step % cfg.save_every == 0:
-            save_state(run, model, optimizer, step, clock)
-    bar.close()
-    save_state(run, model, optimizer, step, clock)
-    log.info("refit done: %d steps in %.1f s -> %s", step, clock.seconds(), run / MODEL_DIR)
+        return loss, stats, ""
+
+    train_loop("refit", run, model, optimizer, clock, step, cfg, refit_step, log_every=50)
     return run / MODEL_DIR

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import (MODEL_DIR, Batches, Clock, load_state, lr_factor, resume_state, save_state, seed_everything,
-                     set_lr, setup_run)
+from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, completion_cot, corpus, load_examples
 from .losses import stage_seg_losses
+from .loop import train_loop
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,6 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     fresh model, with a fresh optimizer and schedule; its model config (preset, head, tokenizer) is
     used, so cfg.preset / lm_path / sam_path are ignored and cfg.head must match."""
     from accelerate import Accelerator
-    from tqdm import tqdm
 
     from segcompass.build import build_model
     from segcompass.model import SegCompass
@@ -199,25 +198,12 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     inner = accelerator.unwrap_model(model)
     log.info("SFT: %d examples, %d trainable parameters, head %s", len(examples),
              sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.head)
-    bar = tqdm(total=cfg.steps, initial=step, desc="sft", unit="step")
-    while not clock.done(step):
-        set_lr(optimizer, lr_factor(step, clock.progress(step), cfg.warmup_steps))
+
+    def sft_step(step: int):
         batch = collate([examples[i] for i in batches.at(step)])
         with accelerator.autocast(), attention_kernel(accelerator.device):  # autocast: no-op unless mixed_precision
             loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head, vocab)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        if step % 25 == 0:
-            log.info("step %d  %s  lr %.2e  %.0fs", step, " ".join(f"{k} {v:.4f}" for k, v in stats.items()),
-                     optimizer.param_groups[0]["lr"], clock.seconds())
-        if step % cfg.save_every == 0:
-            save_state(run, inner, optimizer, step, clock)
-    bar.close()
-    save_state(run, inner, optimizer, step, clock)
-    log.info("SFT done: %d steps in %.1f s -> %s", step, clock.seconds(), run / MODEL_DIR)
+        return loss, stats, ""
+
+    train_loop("sft", run, inner, optimizer, clock, step, cfg, sft_step, accelerator)
     return run / MODEL_DIR
