@@ -15,7 +15,7 @@ log = logging.getLogger("training")
 
 # step_fn(step) -> (loss, stats, label): the loss to minimise, floats to show, and a label for the
 # step's log line ("" for an ordinary step; a non-empty label logs the step whatever its number).
-StepFn = Callable[[int], "tuple[torch.Tensor, dict, str]"]
+StepFn = Callable[[int], tuple[torch.Tensor, dict, str]]
 
 
 def train_loop(name: str, run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clock: Clock,
