@@ -10,6 +10,8 @@
 # REFIT=1 adds the heads refit after joint (training/refit.py: the mask path on cached, frozen LM states);
 # on by default for MODEL=smol* (smol run 7: test gIoU 0.447 -> 0.485), off for tiny (v9: 0.584 -> 0.584).
 # Every stage resumes from its run folder: rerun the same command after an interruption.
+# SFT_FROM=FOLDER skips SFT and starts SAE from that SFT checkpoint (e.g. one trained on a GPU machine and
+# brought back with scripts/offline_gpu/unpack.sh).
 set -euo pipefail
 HEAD_NAME=${1:-segcompass}
 MODEL=${MODEL:-tiny}
@@ -29,9 +31,14 @@ mkdir -p "$ROOT"
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$ROOT/stages.txt"; }
 stamp "start head=$HEAD_NAME"
 STAGE=(--preset "$MODEL" --threads "${THREADS:-0}")
-python -m training sft "${STAGE[@]}" --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
-stamp "sft done"
-INIT="$ROOT/sft/model"
+if [ -n "${SFT_FROM:-}" ]; then
+  INIT="$SFT_FROM"
+  stamp "sft from $SFT_FROM"
+else
+  python -m training sft "${STAGE[@]}" --head "$HEAD_NAME" --run "$ROOT/sft" --data "$DATA" ${SFT_ARGS:-}
+  stamp "sft done"
+  INIT="$ROOT/sft/model"
+fi
 if [ "$HEAD_NAME" = segcompass ]; then
   python -m training sae "${STAGE[@]}" --init "$INIT" --run "$ROOT/sae" --data "$DATA" ${SAE_ARGS:-}
   stamp "sae done"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine, after stash.sh has kept every piece: unpack the payload into /tmp/site (PYTHONPATH),
+# wait for /tmp/sw, run the SFT stage (smol-gpu preset) from the packed checkpoint for MIN minutes, and write
+# the trained weights to RET_DIR as fp16 pieces of 15 MB (w00, w01, ...) plus meta.tar and sft.log;
+# unpack.sh puts them back together here.
+#   MIN=7.8 WALL=555 scripts/offline_gpu/sft.sh RET_DIR [extra `training sft` options]
+set -u
+RET=${1:?usage: sft.sh RET_DIR [sft options]}; shift
+T0=$(date +%s); RUN=${RUN:-/tmp/run/sft}; mkdir -p "$RET" /tmp/unpacked /tmp/site
+cat /tmp/payload/c[0-9][0-9] | tar -xf - -C /tmp/unpacked || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  /tmp/unpacked/whl/*.whl || exit 4
+cp -r /tmp/unpacked/site/* /tmp/site/
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 SEGCOMPASS_CACHE=/tmp/cache
+for _ in $(seq 150); do [ -f /tmp/sw/DONE ] && break; sleep 2; done
+[ -f /tmp/sw/DONE ] || { echo "no data in /tmp/sw (stash.sh with GEN=1 starts it)"; exit 5; }
+echo "ready after $(( $(date +%s) - T0 )) s"
+# WALL: a hard stop so the weights still come back within the call's limit (the last save_every checkpoint)
+timeout "${WALL:-555}" python3 -m training sft --preset smol-gpu --threads 0 --head segcompass --run "$RUN" \
+  --data /tmp/sw --init /tmp/unpacked/init --set minutes="${MIN:-7.8}" --set lr="${LR:-1e-3}" --set save_every=100 \
+  "$@" > "$RET/sft.log" 2>&1
+echo "sft exit $? after $(( $(date +%s) - T0 )) s"
+python3 - "$RUN/model/model.safetensors" /tmp/ret.safetensors <<'PY'
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+save_file({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, sys.argv[2])
+PY
+split -b 15000000 -d /tmp/ret.safetensors "$RET/w"
+tar -C "$RUN" -cf "$RET/meta.tar" model/config.json model/tokenizer.json model/tokenizer_config.json \
+  model/chat_template.jinja sft_config.json
+md5sum /tmp/ret.safetensors; ls -l "$RET"; echo "done after $(( $(date +%s) - T0 )) s"
