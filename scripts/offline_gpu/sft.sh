@@ -20,13 +20,10 @@ timeout "${WALL:-555}" python3 -m training sft --preset smol-gpu --threads 0 --h
   --data /tmp/sw --init /tmp/unpacked/init --set minutes="${MIN:-7.8}" --set lr="${LR:-1e-3}" --set save_every=100 \
   "$@" > "$RET/sft.log" 2>&1
 echo "sft exit $? after $(( $(date +%s) - T0 )) s"
-python3 - "$RUN/model/model.safetensors" /tmp/ret.safetensors <<'PY'
-import sys
-from safetensors.torch import load_file, save_file
-sd = load_file(sys.argv[1])
-save_file({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, sys.argv[2])
-PY
-split -b 15000000 -d /tmp/ret.safetensors "$RET/w"
-tar -C "$RUN" -cf "$RET/meta.tar" model/config.json model/tokenizer.json model/tokenizer_config.json \
-  model/chat_template.jinja sft_config.json
-md5sum /tmp/ret.safetensors; ls -l "$RET"; echo "done after $(( $(date +%s) - T0 )) s"
+# fp16 through the model's own save_pretrained (the cast the shipped checkpoints get); sft_config.json rides along
+rm -rf /tmp/ret && python3 -c "import sys, torch; from segcompass.model import SegCompass
+SegCompass.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" "$RUN/model" /tmp/ret || exit 6
+cp "$RUN/sft_config.json" /tmp/ret/
+split -b 15000000 -d /tmp/ret/model.safetensors "$RET/w"
+tar -C /tmp/ret --exclude model.safetensors -cf "$RET/meta.tar" .
+md5sum /tmp/ret/model.safetensors; ls -l "$RET"; echo "done after $(( $(date +%s) - T0 )) s"

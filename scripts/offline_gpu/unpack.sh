@@ -6,5 +6,5 @@ set -euo pipefail
 RET=${1:?usage: unpack.sh RET_DIR TARGET}; T=${2:?usage: unpack.sh RET_DIR TARGET}
 mkdir -p "$T"
 cat "$RET"/w[0-9][0-9] > "$T/model.safetensors"
-tar -xf "$RET/meta.tar" -C "$T" && mv "$T"/model/* "$T"/ && rmdir "$T/model"
+tar -xf "$RET/meta.tar" -C "$T"
 md5sum "$T/model.safetensors"
