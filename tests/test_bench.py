@@ -137,3 +137,19 @@ def test_probe_trunk_reads_colour_from_the_frozen_efficientnet_maps(data, capsys
     assert out["sets"]["pixels"]["train"]["colour"] > 0.8
     with pytest.raises(SystemExit, match="unknown taps"):
         main(["--data", str(data), "--train", "2", "--split", "val", "--sets", "nope", "--threads", "1"])
+
+
+def test_step_ops_counts_a_training_step_whose_dispatch_does_not_grow_with_the_batch(data, capsys):
+    """bench.step_ops on tiny: the parts add up, and the segmentation losses are batched, so a bigger
+    batch adds only a few host-side ops per example (per-example losses added ~250 on smol) and no
+    backward ops at all."""
+    from bench.step_ops import main
+
+    small, big = (run(main, ["--preset", "tiny", "--data", str(data), "--split", "train", "--batch", str(b)], capsys)
+                  for b in (2, 4))
+    for out in (small, big):
+        assert out["ops_total"] == sum(part["ops"] for part in out["parts"].values())
+        assert {"language", "mask_decoder", "backward", "optimizer", "loss"} <= set(out["parts"])
+        assert 0 < out["hungarian_matchings"] <= out["batch"]
+    assert big["parts"]["backward"]["ops"] == small["parts"]["backward"]["ops"]
+    assert (big["ops_total"] - small["ops_total"]) / 2 < 40

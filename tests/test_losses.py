@@ -88,3 +88,34 @@ def test_final_mask_loss_scores_the_union_of_confident_slots():
     assert float(final_mask_loss(masks, wrong_conf, [t])) > 1.0
     # An unconfident slot adds (almost) nothing to the soft final mask.
     assert torch.allclose(soft_final_mask(torch.stack([good, empty])[None], right_conf), torch.sigmoid(good)[None] * torch.sigmoid(torch.tensor(6.0)), atol=1e-2)
+
+
+@pytest.mark.parametrize("conf_target", ["match", "iou"])
+def test_seg_losses_of_a_batch_compose_from_its_examples_alone(conf_target):
+    """The batched losses (targets zero-padded to the largest N, every matched pair in one batch of rows)
+    equal what each example gives alone: the matched-slot terms averaged over the examples with
+    targets, the union term and the confidence over all examples; gradients too."""
+    torch.manual_seed(0)
+    counts = [2, 0, 1, 3, 0]
+    heat = torch.randn(len(counts), 4, 6, 6, requires_grad=True)
+    mask = torch.randn(len(counts), 4, 12, 12, requires_grad=True)
+    conf = torch.randn(len(counts), 4, requires_grad=True)
+    th = [torch.rand(n, 6, 6) for n in counts]
+    tm = [(torch.rand(n, 12, 12) > 0.6).float() for n in counts]
+    weights = [None, (torch.rand(12, 12) > 0.2).float(), None, (torch.rand(12, 12) > 0.2).float(), None]
+    kw = dict(c_dice=0.8, c_focal=0.5, c_mask_bce=0.3, conf_target=conf_target)
+    batch = seg_losses(heat, mask, conf, th, tm, weights_mask=weights, **kw)
+    alone = [seg_losses(heat[b:b + 1], mask[b:b + 1], conf[b:b + 1], [th[b]], [tm[b]], weights_mask=[weights[b]], **kw)
+             for b in range(len(counts))]
+    with_targets = [a for a, n in zip(alone, counts) if n]
+    matched = torch.stack([a.seg - a.union for a in with_targets]).mean()
+    union = torch.stack([a.union for a in alone]).mean()
+    assert torch.allclose(batch.union, union, atol=1e-6)
+    assert torch.allclose(batch.seg, matched + union, atol=1e-6)
+    assert torch.allclose(batch.confidence, torch.stack([a.confidence for a in alone]).mean(), atol=1e-6)
+    assert batch.matches == [a.matches[0] for a in alone]
+    assert [len(m) for m in batch.matches] == [min(n, 4) for n in counts]
+    grads = torch.autograd.grad(batch.seg + batch.confidence, [heat, mask, conf])
+    expected = torch.autograd.grad(matched + union + torch.stack([a.confidence for a in alone]).mean(),
+                                   [heat, mask, conf])
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected))

@@ -167,7 +167,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the auxiliary perception loss, SAE on per-dimension standardised residuals (SmolLM2's residual
     # stream has a few huge dimensions that otherwise dominate the reconstruction and kill latents).
     "smol-gpu": {
-        "sft": dict(preset="smol", lr=1.5e-3, lr_adapters=0.2, batch_size=32, steps=20000, minutes=4.0,
+        # batch 128: a smol SFT step dispatches ~16,200 ops at batch 8 and ~17,000 at 32 (`python -m
+        # bench.step_ops`), so on a GPU it is launch-bound (H100, batch 32: 0.59 s/step) and a bigger batch
+        # costs little more per step
+        "sft": dict(preset="smol", lr=1.5e-3, lr_adapters=0.2, batch_size=128, steps=20000, minutes=4.0,
                     warmup_steps=50, save_every=250, conf_weight=1.0, aux_weight=1.0, naming_weight=1.0,
                     mixed_precision="bf16"),
         "sae": dict(limit=2000, compare=False, minutes=0.5, normalize="dim"),

@@ -33,9 +33,9 @@ from .sft import completion_ce, teacher_forced
 log = logging.getLogger(__name__)
 
 
-def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig, device):
+def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig):
     return stage_seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits, batch_targets_heat,
-                            batch_targets_mask, cfg, device)
+                            batch_targets_mask, cfg)
 
 
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:
@@ -43,7 +43,7 @@ def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torc
         vision_out = model.vision(batch.pixels.to(device))
     out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out,
                             ref_dropout=cfg.ref_dropout, ref_shuffle=cfg.ref_shuffle, logits="none")
-    seg = _seg(out, batch.target_heat, batch.target_mask, cfg, device)
+    seg = _seg(out, batch.target_heat, batch.target_mask, cfg)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach())}
 
@@ -96,7 +96,7 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
         rewards = torch.tensor([total_reward(f, m) for f, m in zip(fmt, msk)])
         adv = group_advantages(rewards, G).to(device)
     g = grpo_loss(logp, logp.detach(), ref_logp, adv, comp_mask, cfg.clip_eps, cfg.kl_coeff)
-    seg = _seg(out, [e.target_heat.float() for e in rows], [e.target_mask.float() for e in rows], cfg, device)
+    seg = _seg(out, [e.target_heat.float() for e in rows], [e.target_mask.float() for e in rows], cfg)
     loss = g.loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     stats = {"reward": float(rewards.mean()), "format": sum(fmt) / len(fmt), "mask": sum(msk) / len(msk),
              "kl": float(g.kl.detach()), "policy": float(g.policy.detach()), "seg": float(seg.seg.detach()),
@@ -128,7 +128,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     prompts = Batches(len(examples), min(cfg.prompts, len(examples)), cfg.seed + 1)
     probe_batch = collate([examples[i] for i in batches.at(0)])
     out, packed = teacher_forced(model, probe_batch, device, model.config.head)
-    probe = _seg(out, probe_batch.target_heat, probe_batch.target_mask, cfg, device)
+    probe = _seg(out, probe_batch.target_heat, probe_batch.target_mask, cfg)
     freeze_unused(model, probe.seg + probe.confidence + completion_ce(out.lm_logits, packed, device))
     cast_external_language(model, cfg.mixed_precision)
     cast_external_language(ref_model, cfg.mixed_precision)

@@ -21,9 +21,9 @@ step and trains both towards 0.5, so at threshold 0.5 neither is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -66,30 +66,51 @@ def hungarian_match(score_KN: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def dice_loss(logits_P: torch.Tensor, target_P: torch.Tensor, weight_P: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - soft Dice (with +1 smoothing, as in SAM/LISA)."""
+    """1 - soft Dice (with +1 smoothing, as in SAM/LISA), over the last dim (one value per row)."""
     p = torch.sigmoid(logits_P)
     if weight_P is not None:
         p, target_P = p * weight_P, target_P * weight_P
-    return 1 - (2 * (p * target_P).sum() + 1) / (p.sum() + target_P.sum() + 1)
+    return 1 - (2 * (p * target_P).sum(-1) + 1) / (p.sum(-1) + target_P.sum(-1) + 1)
 
 
 def focal_loss(logits_P, target_P, weight_P=None, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss (RetinaNet), mean over pixels."""
+    """Sigmoid focal loss (RetinaNet), mean over the pixels of the last dim."""
     p = torch.sigmoid(logits_P)
     ce = F.binary_cross_entropy_with_logits(logits_P, target_P, reduction="none")
     p_t = p * target_P + (1 - p) * (1 - target_P)
     loss = ce * (1 - p_t) ** gamma
     loss = loss * (alpha * target_P + (1 - alpha) * (1 - target_P))
     if weight_P is not None:
-        return (loss * weight_P).sum() / weight_P.sum().clamp_min(1)
-    return loss.mean()
+        return (loss * weight_P).sum(-1) / weight_P.sum(-1).clamp_min(1)
+    return loss.mean(-1)
 
 
 def bce(logits_P, target_P, weight_P=None) -> torch.Tensor:
-    if weight_P is None:
-        return F.binary_cross_entropy_with_logits(logits_P, target_P)
+    """Binary cross-entropy with logits, mean over the (weighted) pixels of the last dim."""
     loss = F.binary_cross_entropy_with_logits(logits_P, target_P, reduction="none")
-    return (loss * weight_P).sum() / weight_P.sum().clamp_min(1)
+    if weight_P is None:
+        return loss.mean(-1)
+    return (loss * weight_P).sum(-1) / weight_P.sum(-1).clamp_min(1)
+
+
+def pad_targets(targets: list[torch.Tensor], dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Per-example [N_b, ...] targets -> [B, max N_b, P] (flattened pixels), zero rows as padding,
+    built where the targets are (the host, in training) and moved to `device` in one copy."""
+    n = max((t.shape[0] for t in targets), default=0)
+    pixels = math.prod(targets[0].shape[1:]) if targets else 0
+    out = (targets[0].new_zeros if targets else torch.zeros)(len(targets), n, pixels, dtype=dtype)
+    for b, t in enumerate(targets):
+        if t.shape[0]:
+            out[b, :t.shape[0]] = t.flatten(1).to(dtype)
+    return out.to(device) if device is not None else out
+
+
+def pixel_weights(weights: list[torch.Tensor | None] | None, like_BP: torch.Tensor) -> torch.Tensor | None:
+    """[B, P] per-example pixel weights (ones where an example has none), or None without any."""
+    if weights is None or all(w is None for w in weights):
+        return None
+    return torch.stack([torch.ones_like(like_BP[b]) if w is None else w.flatten().to(like_BP.dtype)
+                        for b, w in enumerate(weights)])
 
 
 def seg_losses(
@@ -112,57 +133,61 @@ def seg_losses(
     BCE, 0 in the paper); the pair losses are averaged per example, then over the examples that
     have targets. Confidence BCE against conf_target: "match" = 1 for matched slots, 0 for every
     other slot; "iou" = each slot's best hard IoU (mask logit > 0 vs target > 0.5) with any target.
+
+    Batched: the targets are zero-padded to [B, max N_b, ...], every example's score matrix comes to
+    the host in one copy, and all matched pairs' losses are computed as one batch of rows, so the
+    op count (on a GPU, the kernel launches) does not grow with the batch size or the pair count.
     """
     if conf_target not in ("match", "iou"):
         raise ValueError(f"conf_target must be 'match' or 'iou', got {conf_target!r}")
     B, K = conf_BK.shape
+    heat_BKp, mask_BKP = heat_BKhw.flatten(2), mask_BKHW.flatten(2)
+    device = conf_BK.device
+    th_BNp = pad_targets(targets_heat, heat_BKp.dtype, device)
+    tm_BNP = pad_targets(targets_mask, mask_BKP.dtype, device)
+    counts = [t.shape[0] for t in targets_heat]
+    wm_BP = pixel_weights(weights_mask, mask_BKP[:, 0])
+    with torch.no_grad():
+        prob = torch.sigmoid(heat_BKp.float())
+        inter = prob @ th_BNp.float().transpose(1, 2)  # [B, K, N]
+        score = (inter / (prob.sum(-1)[..., None] + th_BNp.float().sum(-1)[:, None] - inter).clamp_min(1e-6)).cpu()
+    matches = [hungarian_match(score[b, :, :n]) if n else [] for b, n in enumerate(counts)]
+    pair_b = [b for b, pairs in enumerate(matches) for _ in pairs]
+    bi = torch.tensor(pair_b, dtype=torch.long, device=device)
+    ki = torch.tensor([k for pairs in matches for k, _ in pairs], dtype=torch.long, device=device)
+    ni = torch.tensor([n for pairs in matches for _, n in pairs], dtype=torch.long, device=device)
+
     zero = heat_BKhw.sum() * 0.0
-    parts = {k: [] for k in ("heatmap_bce", "mask_dice", "heatmap_dice", "mask_focal", "mask_bce", "seg")}
+    mean = {k: zero for k in ("heatmap_bce", "mask_dice", "heatmap_dice", "mask_focal", "mask_bce", "seg")}
+    if pair_b:
+        hl, ht = heat_BKp[bi, ki], th_BNp[bi, ni]
+        ml, mt = mask_BKP[bi, ki], tm_BNP[bi, ni]
+        wm = None if wm_BP is None else wm_BP[bi]
+        rows = {"heatmap_bce": bce(hl, ht), "heatmap_dice": dice_loss(hl, ht), "mask_dice": dice_loss(ml, mt, wm),
+                "mask_focal": focal_loss(ml, mt, wm), "mask_bce": bce(ml, mt, wm)}
+        # mean over each example's pairs, then over the examples with pairs: one weight per pair
+        per_example = torch.bincount(bi, minlength=B).float()
+        weight = 1.0 / (per_example[bi] * sum(1 for pairs in matches if pairs))
+        mean.update({k: (v.float() * weight).sum() for k, v in rows.items()})
+        mean["seg"] = (mean["heatmap_bce"] + c_dice * (mean["mask_dice"] + mean["heatmap_dice"])
+                       + c_focal * mean["mask_focal"] + c_mask_bce * mean["mask_bce"])
     conf_target_BK = torch.zeros_like(conf_BK)
-    matches: list[list[tuple[int, int]]] = []
-    for b in range(B):
-        th, tm = targets_heat[b].to(heat_BKhw.dtype), targets_mask[b].to(mask_BKHW.dtype)
-        wm = None if weights_mask is None or weights_mask[b] is None else weights_mask[b].flatten().to(mask_BKHW.dtype)
-        if th.shape[0] == 0:
-            matches.append([])
-            continue
-        with torch.no_grad():
-            score = soft_iou_matrix(torch.sigmoid(heat_BKhw[b].flatten(1).float()), th.flatten(1).float())
-        pairs = hungarian_match(score)
-        matches.append(pairs)
-        if conf_target == "iou":
-            conf_target_BK[b] = best_mask_iou(mask_BKHW[b], tm, wm)
-        acc = {k: zero for k in parts if k != "seg"}
-        for k, n in pairs:
-            if conf_target == "match":
-                conf_target_BK[b, k] = 1.0
-            hl, ml = heat_BKhw[b, k].flatten(), mask_BKHW[b, k].flatten()
-            ht, mt = th[n].flatten(), tm[n].flatten()
-            acc["heatmap_bce"] = acc["heatmap_bce"] + bce(hl, ht)
-            acc["heatmap_dice"] = acc["heatmap_dice"] + dice_loss(hl, ht)
-            acc["mask_dice"] = acc["mask_dice"] + dice_loss(ml, mt, wm)
-            acc["mask_focal"] = acc["mask_focal"] + focal_loss(ml, mt, wm)
-            acc["mask_bce"] = acc["mask_bce"] + bce(ml, mt, wm)
-        for key in acc:
-            acc[key] = acc[key] / len(pairs)
-        seg = (acc["heatmap_bce"] + c_dice * (acc["mask_dice"] + acc["heatmap_dice"]) + c_focal * acc["mask_focal"]
-               + c_mask_bce * acc["mask_bce"])
-        for key, value in acc.items():
-            parts[key].append(value)
-        parts["seg"].append(seg)
-    mean = {k: (torch.stack(v).mean() if v else zero) for k, v in parts.items()}
-    union = final_mask_loss(mask_BKHW, conf_BK, targets_mask, weights_mask)
+    if conf_target == "match" and pair_b:
+        conf_target_BK[bi, ki] = 1.0
+    elif conf_target == "iou" and tm_BNP.shape[1]:
+        conf_target_BK = best_mask_iou_batched(mask_BKP, tm_BNP, wm_BP).to(conf_BK.dtype)
+    union = padded_final_mask_loss(mask_BKHW, conf_BK, tm_BNP, wm_BP)
     mean["seg"] = mean["seg"] + c_union * union
     confidence = F.binary_cross_entropy_with_logits(conf_BK.float(), conf_target_BK.float())
     return SegLosses(confidence=confidence, matches=matches, union=union, **mean)
 
 
-def stage_seg_losses(heat_BKhw, mask_BKHW, conf_BK, targets_heat, targets_mask, cfg, device) -> SegLosses:
+def stage_seg_losses(heat_BKhw, mask_BKHW, conf_BK, targets_heat, targets_mask, cfg) -> SegLosses:
     """`seg_losses` with a stage config's weights (c_dice, c_focal, c_mask_bce, conf_target: SFT, joint and
-    refit configs all carry them), the per-example targets moved to `device`."""
-    return seg_losses(heat_BKhw, mask_BKHW, conf_BK, [t.to(device) for t in targets_heat],
-                      [t.to(device) for t in targets_mask], c_dice=cfg.c_dice, c_focal=cfg.c_focal,
-                      c_mask_bce=cfg.c_mask_bce, conf_target=cfg.conf_target)
+    refit configs all carry them); the per-example targets stay where they are (the host): `seg_losses` pads
+    them there and moves each padded batch to the model's device in one copy."""
+    return seg_losses(heat_BKhw, mask_BKHW, conf_BK, targets_heat, targets_mask, c_dice=cfg.c_dice,
+                      c_focal=cfg.c_focal, c_mask_bce=cfg.c_mask_bce, conf_target=cfg.conf_target)
 
 
 @torch.no_grad()
@@ -172,12 +197,23 @@ def best_mask_iou(mask_KHW: torch.Tensor, target_NHW: torch.Tensor, weight_P: to
     >>> best_mask_iou(torch.tensor([[[1., -1.]], [[1., 1.]]]), torch.tensor([[[1., 0.]]]))
     tensor([1.0000, 0.5000])
     """
-    pred = (mask_KHW.flatten(1) > 0).float()
-    target = (target_NHW.flatten(1) > 0.5).float()
-    if weight_P is not None:
-        keep = (weight_P.flatten() > 0).float()
+    weight = None if weight_P is None else weight_P.flatten()[None]
+    return best_mask_iou_batched(mask_KHW.flatten(1)[None], target_NHW.flatten(1)[None], weight)[0]
+
+
+@torch.no_grad()
+def best_mask_iou_batched(mask_BKP: torch.Tensor, target_BNP: torch.Tensor, weight_BP: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """[B, K]: `best_mask_iou` of every example; zero-padded target rows score 0 and so never win
+    (an example without targets gets 0 everywhere)."""
+    pred = (mask_BKP > 0).float()
+    target = (target_BNP > 0.5).float()
+    if weight_BP is not None:
+        keep = (weight_BP > 0).float()[:, None]
         pred, target = pred * keep, target * keep
-    return soft_iou_matrix(pred, target).amax(1)
+    inter = pred @ target.transpose(1, 2)
+    iou = inter / (pred.sum(-1)[..., None] + target.sum(-1)[:, None] - inter).clamp_min(1e-6)
+    return iou.amax(-1) if iou.shape[-1] else iou.new_zeros(iou.shape[:2])
 
 
 def soft_final_mask(mask_BKHW: torch.Tensor, conf_BK: torch.Tensor) -> torch.Tensor:
@@ -191,17 +227,19 @@ def final_mask_loss(mask_BKHW, conf_BK, targets_mask: list[torch.Tensor], weight
 
     An example without targets (N = 0) has an empty union: the loss pushes its final mask to empty.
     """
-    final = soft_final_mask(mask_BKHW, conf_BK).clamp(1e-6, 1 - 1e-6)
-    losses = []
-    for b in range(final.shape[0]):
-        tm = targets_mask[b].to(final.dtype)
-        target = tm.amax(0) if tm.shape[0] else torch.zeros_like(final[b])
-        w = None if weights_mask is None or weights_mask[b] is None else weights_mask[b].to(final.dtype)
-        p, t = final[b].flatten(), target.flatten()
-        wf = torch.ones_like(p) if w is None else w.flatten()
-        with torch.autocast(p.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
-            bce_b = (F.binary_cross_entropy(p, t, reduction="none") * wf).sum() / wf.sum().clamp_min(1.0)
-        inter = (p * t * wf).sum()
-        dice_b = 1.0 - (2 * inter + 1.0) / ((p * wf).sum() + (t * wf).sum() + 1.0)
-        losses.append(bce_b + dice_b)
-    return torch.stack(losses).mean()
+    like = mask_BKHW.flatten(2)[:, 0].float()
+    return padded_final_mask_loss(mask_BKHW, conf_BK, pad_targets(targets_mask, torch.float32, like.device),
+                                  pixel_weights(weights_mask, like))
+
+
+def padded_final_mask_loss(mask_BKHW, conf_BK, target_BNP: torch.Tensor, weight_BP: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """`final_mask_loss` on zero-padded targets [B, N, P] and pixel weights [B, P] (or None)."""
+    final = soft_final_mask(mask_BKHW, conf_BK).clamp(1e-6, 1 - 1e-6).flatten(1)  # [B, P]
+    target = target_BNP.to(final.dtype).amax(1) if target_BNP.shape[1] else torch.zeros_like(final)
+    w = torch.ones_like(final) if weight_BP is None else weight_BP.to(final.dtype)
+    with torch.autocast(final.device.type, enabled=False):  # CUDA autocast refuses binary_cross_entropy
+        bce_b = (F.binary_cross_entropy(final, target, reduction="none") * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+    inter = (final * target * w).sum(-1)
+    dice_b = 1.0 - (2 * inter + 1.0) / ((final * w).sum(-1) + (target * w).sum(-1) + 1.0)
+    return (bce_b + dice_b).mean()

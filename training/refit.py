@@ -149,7 +149,7 @@ def refit_loss(model, batch, states: list[CachedStates], cfg: RefitConfig, devic
         codes = model.codes_from_states(hook, pad) if model.baseline is None else None
         heat, conf, masks = model.heads(codes, roles, pad, ref, feats, batch.valid_hw, ids, lengths)
     heat, conf, masks = heat.float(), conf.float(), masks.float()
-    seg = stage_seg_losses(heat, masks, conf, batch.target_heat, batch.target_mask, cfg, device)
+    seg = stage_seg_losses(heat, masks, conf, batch.target_heat, batch.target_mask, cfg)
     loss = cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
     return loss, {"seg": float(seg.seg.detach()), "conf": float(seg.confidence.detach()),
                   "dice": float(seg.mask_dice.detach())}

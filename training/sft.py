@@ -124,7 +124,7 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=N
             stats["name"] = float(naming.detach())
     if cfg.mask_loss:
         seg = stage_seg_losses(out.heatmap_logits, out.mask_logits, out.confidence_logits, batch.target_heat,
-                               batch.target_mask, cfg, device)
+                               batch.target_mask, cfg)
         loss = loss + cfg.seg_weight * seg.seg + cfg.conf_weight * seg.confidence
         stats.update(seg=float(seg.seg.detach()), conf=float(seg.confidence.detach()),
                      dice=float(seg.mask_dice.detach()))
