@@ -43,13 +43,13 @@ class SegLosses:
 
 
 def soft_iou_matrix(prob_KP: torch.Tensor, target_NP: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[K, P] probabilities vs [N, P] soft targets -> [K, N] soft IoU.
+    """[..., K, P] probabilities vs [..., N, P] soft targets -> [..., K, N] soft IoU (leading dims batch).
 
     >>> soft_iou_matrix(torch.tensor([[1., 0.], [0., 1.]]), torch.tensor([[0., 1.]])).flatten().tolist()
     [0.0, 1.0]
     """
-    inter = prob_KP @ target_NP.t()
-    union = prob_KP.sum(-1, keepdim=True) + target_NP.sum(-1)[None] - inter
+    inter = prob_KP @ target_NP.transpose(-1, -2)
+    union = prob_KP.sum(-1)[..., None] + target_NP.sum(-1)[..., None, :] - inter
     return inter / union.clamp_min(eps)
 
 
@@ -109,7 +109,7 @@ def pixel_weights(weights: list[torch.Tensor | None] | None, like_BP: torch.Tens
     """[B, P] per-example pixel weights (ones where an example has none), or None without any."""
     if weights is None or all(w is None for w in weights):
         return None
-    return torch.stack([torch.ones_like(like_BP[b]) if w is None else w.flatten().to(like_BP.dtype)
+    return torch.stack([torch.ones_like(like_BP[b]) if w is None else w.flatten().to(like_BP)
                         for b, w in enumerate(weights)])
 
 
@@ -148,9 +148,7 @@ def seg_losses(
     counts = [t.shape[0] for t in targets_heat]
     wm_BP = pixel_weights(weights_mask, mask_BKP[:, 0])
     with torch.no_grad():
-        prob = torch.sigmoid(heat_BKp.float())
-        inter = prob @ th_BNp.float().transpose(1, 2)  # [B, K, N]
-        score = (inter / (prob.sum(-1)[..., None] + th_BNp.float().sum(-1)[:, None] - inter).clamp_min(1e-6)).cpu()
+        score = soft_iou_matrix(torch.sigmoid(heat_BKp.float()), th_BNp.float()).cpu()  # [B, K, N], one copy
     matches = [hungarian_match(score[b, :, :n]) if n else [] for b, n in enumerate(counts)]
     pair_b = [b for b, pairs in enumerate(matches) for _ in pairs]
     bi = torch.tensor(pair_b, dtype=torch.long, device=device)
@@ -211,8 +209,7 @@ def best_mask_iou_batched(mask_BKP: torch.Tensor, target_BNP: torch.Tensor, weig
     if weight_BP is not None:
         keep = (weight_BP > 0).float()[:, None]
         pred, target = pred * keep, target * keep
-    inter = pred @ target.transpose(1, 2)
-    iou = inter / (pred.sum(-1)[..., None] + target.sum(-1)[:, None] - inter).clamp_min(1e-6)
+    iou = soft_iou_matrix(pred, target)
     return iou.amax(-1) if iou.shape[-1] else iou.new_zeros(iou.shape[:2])
 
 
