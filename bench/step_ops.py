@@ -9,13 +9,13 @@ This counts both where no GPU is at hand.
 
     python -m bench.step_ops --preset smol-gpu --data data/sw30k --batch 32
 
-Counts the second step (the first also creates the optimizer state). Prints JSON: per part ("vision", "language", "sae", "codebook", "slot_mapper", "mask_decoder",
-"loss" = everything in the step outside those modules' forward (a part that is only called through
-methods of a module without submodules, like the SAE's encode, counts where it is called from), "backward", "optimizer" (the
-foreach AdamW that CUDA runs by default)), the
-number of op calls and of syncs (`aten::_local_scalar_dense`, what `.item()` and friends call), the
-Hungarian matchings (each a sync and a host solve), and the host seconds of collate and of the
-prompt tokenizing/packing.
+Counts the second step (the first also creates the optimizer state). Prints JSON: per part
+("vision", "language", "sae", "codebook", "slot_mapper", "mask_decoder", "loss" = everything in the
+step outside those modules' forward, "backward", "optimizer" = the foreach AdamW that CUDA runs by
+default; a part only called through methods of a module without submodules, like the SAE's encode,
+counts where it is called from), the number of op calls and of syncs (`aten::_local_scalar_dense`,
+what `.item()` and friends call), the Hungarian matchings (each a host solve) and the host seconds
+of collate and of the prompt tokenizing/packing.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     from segcompass.build import build_model
     from segcompass.tokenizer import build_word_tokenizer
     from training.configs import model_config, stage_config
-    from training.examples import collate, completion_cot, corpus, load_examples
+    from training.examples import collate, corpus, load_examples, pack_reference
     from training.parts import attention_kernel, set_trainable
     from training.sft import sft_loss, sft_setup
 
@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     batch = collate(chosen)
     collate_s = time.perf_counter() - t
-    lang = model.language
     t = time.perf_counter()
-    lang.pack([lang.build_prompt(e.instruction, model.num_visual) for e in chosen],
-              [lang.encode_completion(completion_cot(e, model.config.head)) for e in chosen])
+    pack_reference(model, chosen, model.config.head)
     tokenize_s = time.perf_counter() - t
 
     phase = ["loss"]

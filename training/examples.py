@@ -226,6 +226,14 @@ def completion_cot(example: Example, head: str) -> str:
     return example.cot
 
 
+def pack_reference(model, examples: list[Example], head: str):
+    """The language model's packed prompts + reference completions (`completion_cot`) of `examples`:
+    what teacher forcing, the refit's state cache and the step benchmark feed it."""
+    lang = model.language
+    return lang.pack([lang.build_prompt(e.instruction, model.num_visual) for e in examples],
+                     [lang.encode_completion(completion_cot(e, head)) for e in examples])
+
+
 def corpus(examples: list[Example]) -> list[str]:
     """Texts the tiny word-level tokenizer is built from."""
     return [e.instruction for e in examples] + [e.cot for e in examples]

@@ -150,14 +150,12 @@ def seg_losses(
     with torch.no_grad():
         score = soft_iou_matrix(torch.sigmoid(heat_BKp.float()), th_BNp.float()).cpu()  # [B, K, N], one copy
     matches = [hungarian_match(score[b, :, :n]) if n else [] for b, n in enumerate(counts)]
-    pair_b = [b for b, pairs in enumerate(matches) for _ in pairs]
-    bi = torch.tensor(pair_b, dtype=torch.long, device=device)
-    ki = torch.tensor([k for pairs in matches for k, _ in pairs], dtype=torch.long, device=device)
-    ni = torch.tensor([n for pairs in matches for _, n in pairs], dtype=torch.long, device=device)
+    pairs_P3 = torch.tensor([(b, k, n) for b, pairs in enumerate(matches) for k, n in pairs], dtype=torch.long)
+    bi, ki, ni = pairs_P3.view(-1, 3).to(device).unbind(1)  # (example, slot, target) of every pair, one copy
 
     zero = heat_BKhw.sum() * 0.0
     mean = {k: zero for k in ("heatmap_bce", "mask_dice", "heatmap_dice", "mask_focal", "mask_bce", "seg")}
-    if pair_b:
+    if len(bi):
         hl, ht = heat_BKp[bi, ki], th_BNp[bi, ni]
         ml, mt = mask_BKP[bi, ki], tm_BNP[bi, ni]
         wm = None if wm_BP is None else wm_BP[bi]
@@ -170,7 +168,7 @@ def seg_losses(
         mean["seg"] = (mean["heatmap_bce"] + c_dice * (mean["mask_dice"] + mean["heatmap_dice"])
                        + c_focal * mean["mask_focal"] + c_mask_bce * mean["mask_bce"])
     conf_target_BK = torch.zeros_like(conf_BK)
-    if conf_target == "match" and pair_b:
+    if conf_target == "match" and len(bi):
         conf_target_BK[bi, ki] = 1.0
     elif conf_target == "iou" and tm_BNP.shape[1]:
         conf_target_BK = best_mask_iou_batched(mask_BKP, tm_BNP, wm_BP).to(conf_BK.dtype)

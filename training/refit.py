@@ -24,7 +24,7 @@ from segcompass.records import TokenRole
 
 from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
 from .configs import RefitConfig, save_config
-from .examples import Example, collate, completion_cot, load_examples
+from .examples import Example, collate, load_examples, pack_reference
 from .losses import stage_seg_losses
 from .loop import train_loop
 
@@ -79,13 +79,11 @@ def cache_states(model, examples: list[Example], batch_size: int = 16) -> list[C
 
     model.eval()
     device = model._device()
-    lang = model.language
     head = model.config.head
     cached: list[CachedStates] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="cache language-model states", unit="batch"):
         chunk = examples[start: start + batch_size]
-        prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in chunk]
-        packed = lang.pack(prompts, [lang.encode_completion(completion_cot(e, head)) for e in chunk])
+        packed = pack_reference(model, chunk, head)
         tokens, _ = model.vision(collate(chunk).pixels.to(device))
         step, _, ref = model.language_states(tokens, packed.ids.to(device), packed.attention_mask.to(device),
                                              packed.prompt_lengths.to(device), logits_to_keep=1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
-from .examples import Batch, collate, completion_cot, corpus, load_examples
+from .examples import Batch, collate, corpus, load_examples, pack_reference
 from .losses import stage_seg_losses
 from .loop import train_loop
 from .parts import attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable
@@ -30,10 +30,7 @@ def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_
 
     `logits`: "completion" computes LM logits from the last prompt position on (all that
     `completion_ce` reads), "none" for the last position only (seg-only steps), "all" everywhere."""
-    lang = model.language
-    prompts = [lang.build_prompt(e.instruction, model.num_visual) for e in batch.examples]
-    comps = [lang.encode_completion(completion_cot(e, head)) for e in batch.examples]
-    packed = lang.pack(prompts, comps)
+    packed = pack_reference(model, batch.examples, head)
     T = packed.ids.shape[1]
     keep = {"all": 0, "none": 1, "completion": T - int(packed.prompt_lengths.min()) + 1}[logits]
     out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
