@@ -44,13 +44,17 @@ def test_diagnose_cot_scores_both_ways_and_names_answers(data, capsys):
 
 
 def test_diagnose_cot_answer_helpers():
-    from bench.diagnose_cot import _names_no_object, _region
+    from bench.diagnose_cot import _anchor_region, _centre_share, _names_no_object, _region
 
     objects = [{"shape": "circle", "color": "red", "size": "small"}]
     assert _names_no_object("small red circle .", objects) == 0.0
     assert _names_no_object("small red square .", objects) == 1.0
     assert _names_no_object("none .", objects) is None and _names_no_object("2 objects : a , b", objects) is None
     assert _region("looking for the red circle . found it in the top left . answer : x .") == "top left"
+    assert _anchor_region("anchor : large red circle at bottom centre . left of it : x . answer : x .") == "bottom centre"
+    assert _anchor_region("anchor : red circle . answer : x .") is None
+    cot = "shapes : red star at middle centre , blue circle at top left . leftmost is the blue circle . answer : x ."
+    assert _centre_share(cot) == [1.0, 0.0]
 
 
 def test_probe_reads_attributes_from_the_visual_tokens(data, capsys):

@@ -42,7 +42,7 @@ class SFTConfig:
     naming_weight: float = 0.0  # > 0: the same labels read from each visual token's layer-L state through the
     # LM's own norm + unembedding (training.sft.naming_loss); no extra parameters
     naming_regions: bool = False  # also name the row / column third of the object's centre (measured worse:
-    # test gIoU 0.513 vs 0.584, docs/results.md)
+    # tiny test gIoU 0.513 vs 0.584; smol continuation val 0.376 vs 0.397, docs/results.md "Session 17")
     c_dice: float = 1.0
     c_focal: float = 0.0
     c_mask_bce: float = 1.0
