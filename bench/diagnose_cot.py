@@ -2,7 +2,8 @@
 
 - generated: encode + decode as a user runs it (the model's own chain of thought);
 - teacher-forced: the same heads fed the data set's reference chain of thought (an upper bound
-  for the mask path given perfect reasoning),
+  for the mask path given perfect reasoning), and fed it again with every region phrase made
+  "middle centre" (how much the mask path itself reads the place words),
 plus the exact-match accuracy of the answer the generated CoT names ("answer : …"), the share of
 answers that describe no object in the scene at all (ShapeWorld `objects`: a perception error,
 e.g. the right colour with a wrong shape), for attribute queries the share whose region words
@@ -58,6 +59,23 @@ def _centre_share(cot: str) -> list[float]:
     return [float(p == ("middle", "centre")) for p in _REGION_PHRASE.findall(cot)]
 
 
+def _centre_regions(cot: str) -> str:
+    """`cot` with every region phrase saying "middle centre"."""
+    return _REGION_PHRASE.sub(lambda m: m.group(0).rsplit(" ", 2)[0] + " middle centre", cot)
+
+
+def _teacher_forced_iou(model, prep, text: str, cot: str, gt) -> float:
+    from segcompass.metrics import iou
+
+    lang = model.language
+    batch = lang.pack([lang.build_prompt(text, model.num_visual)], [lang.encode_completion(cot)[:-1]])
+    with torch.no_grad():
+        out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
+                    batch.prompt_lengths)
+    return iou(model.postprocess(out.heatmap_logits[0], out.confidence_logits[0], out.mask_logits[0],
+                                 prep.valid_hw, prep.original_size).mask, gt)
+
+
 def _share(key: str, values) -> dict:
     values = [v for v in values if v is not None]
     return {key: round(float(np.mean(values)), 3)} if values else {}
@@ -79,7 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     from training.data.loaders import load_reasonseg
 
     model = SegCompass.from_pretrained(args.checkpoint)
-    lang = model.language
     samples = [s for s in load_reasonseg(args.data, split=args.split) if s.cot][: args.limit]
     rows = defaultdict(list)
     for s in samples:
@@ -87,12 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         trace = model.encode(image, s.texts[0])
         generated = iou(model.decode(trace).mask, gt)
         prep = model.prepare(image)
-        batch = lang.pack([lang.build_prompt(s.texts[0], model.num_visual)], [lang.encode_completion(s.cot)[:-1]])
-        with torch.no_grad():
-            out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
-                        batch.prompt_lengths)
-        forced = iou(model.postprocess(out.heatmap_logits[0], out.confidence_logits[0], out.mask_logits[0],
-                                       prep.valid_hw, prep.original_size).mask, gt)
+        forced, centred = (_teacher_forced_iou(model, prep, s.texts[0], cot, gt)
+                           for cot in (s.cot, _centre_regions(s.cot)))
         region = None
         if s.family == "attribute" and _region(s.cot):
             region = float(_region(trace.cot) == _region(s.cot))
@@ -101,12 +114,13 @@ def main(argv: list[str] | None = None) -> None:
             anchor = float(_anchor_region(trace.cot) == _anchor_region(s.cot))
         row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced,
                _names_no_object(_answer(trace.cot), s.objects), region, anchor,
-               _centre_share(trace.cot), _centre_share(s.cot))
+               _centre_share(trace.cot), _centre_share(s.cot), centred)
         rows["all"].append(row)
         rows[s.family or "?"].append(row)
     report = {fam: {"count": len(r), "answer_exact_match": round(float(np.mean([x[0] for x in r])), 3),
                     "gIoU_generated": round(float(np.mean([x[1] for x in r])), 3),
                     "gIoU_teacher_forced": round(float(np.mean([x[2] for x in r])), 3),
+                    "gIoU_teacher_forced_regions_centred": round(float(np.mean([x[8] for x in r])), 3),
                     **_share("answer_names_no_object", [x[3] for x in r]),
                     **_share("attribute_region_words_right", [x[4] for x in r]),
                     **_share("relation_anchor_region_right", [x[5] for x in r]),

@@ -40,11 +40,12 @@ def test_diagnose_cot_scores_both_ways_and_names_answers(data, capsys):
     out = run(main, ["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3"], capsys)
     assert out["all"]["count"] == 3
     assert 0 <= out["all"]["gIoU_teacher_forced"] <= 1
+    assert 0 <= out["all"]["gIoU_teacher_forced_regions_centred"] <= 1
     assert 0 <= out["all"].get("answer_names_no_object", 0) <= 1
 
 
 def test_diagnose_cot_answer_helpers():
-    from bench.diagnose_cot import _anchor_region, _centre_share, _names_no_object, _region
+    from bench.diagnose_cot import _anchor_region, _centre_regions, _centre_share, _names_no_object, _region
 
     objects = [{"shape": "circle", "color": "red", "size": "small"}]
     assert _names_no_object("small red circle .", objects) == 0.0
@@ -55,6 +56,8 @@ def test_diagnose_cot_answer_helpers():
     assert _anchor_region("anchor : red circle . answer : x .") is None
     cot = "shapes : red star at middle centre , blue circle at top left . leftmost is the blue circle . answer : x ."
     assert _centre_share(cot) == [1.0, 0.0]
+    assert _centre_regions(cot) == cot.replace("at top left", "at middle centre")
+    assert _centre_regions("found it in the bottom right . answer : x .") == "found it in the middle centre . answer : x ."
 
 
 def test_probe_reads_attributes_from_the_visual_tokens(data, capsys):
