@@ -64,14 +64,16 @@ def _centre_regions(cot: str) -> str:
     return _REGION_PHRASE.sub(lambda m: m.group(0).rsplit(" ", 2)[0] + " middle centre", cot)
 
 
-def _teacher_forced_iou(model, prep, text: str, cot: str, gt) -> float:
+def _teacher_forced_iou(model, prep, vision_out, text: str, cot: str, gt) -> float:
+    """IoU of the mask the heads give when the LM is fed `cot`; `vision_out`: `model.vision` of `prep`
+    (computed once for every CoT of an image). LM logits are not read: only the last position's."""
     from segcompass.metrics import iou
 
     lang = model.language
     batch = lang.pack([lang.build_prompt(text, model.num_visual)], [lang.encode_completion(cot)[:-1]])
     with torch.no_grad():
         out = model(prep.pixels[None], [prep.valid_hw], batch.ids, batch.roles, batch.attention_mask,
-                    batch.prompt_lengths)
+                    batch.prompt_lengths, vision_out=vision_out, logits_to_keep=1)
     return iou(model.postprocess(out.heatmap_logits[0], out.confidence_logits[0], out.mask_logits[0],
                                  prep.valid_hw, prep.original_size).mask, gt)
 
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         trace = model.encode(image, s.texts[0])
         generated = iou(model.decode(trace).mask, gt)
         prep = model.prepare(image)
-        forced, centred = (_teacher_forced_iou(model, prep, s.texts[0], cot, gt)
+        with torch.no_grad():
+            vision_out = model.vision(prep.pixels[None])
+        forced, centred = (_teacher_forced_iou(model, prep, vision_out, s.texts[0], cot, gt)
                            for cot in (s.cot, _centre_regions(s.cot)))
         region = None
         if s.family == "attribute" and _region(s.cot):
