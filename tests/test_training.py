@@ -459,6 +459,28 @@ def test_refit_cache_holds_the_training_forward_states(data, sae_run):
     torch.testing.assert_close(ref, want, rtol=2e-3, atol=2e-3)
 
 
+def test_refit_cache_of_generated_cot_holds_what_decode_reads(data, sae_run, tmp_path):
+    from training.examples import load_examples
+    from training.refit import cache_states, example_image, run_refit
+
+    model = SegCompass.from_pretrained(sae_run / "model").eval()
+    examples = load_examples(str(data), "train", model.config, limit=3, cache=False)
+    states = cache_states(model, examples, batch_size=2, cot="generated")
+    for example, state in zip(examples, states):
+        trace = model.encode(example_image(example), example.instruction)  # what a user's encode gives
+        assert torch.equal(state.ids, trace.token_ids) and torch.equal(state.roles, trace.roles)
+        assert state.prompt_length == trace.prompt_length
+        torch.testing.assert_close(state.ref, trace.ref_state, rtol=2e-3, atol=2e-3)
+        with torch.no_grad():
+            codes = model.codes_from_states(state.hook.float()[None])[0]
+        # the same codes, but for TopK near-ties flipped by fp16 storage and batch padding (4 of 151,552 here)
+        differ = ~torch.isclose(codes, trace.dense_codes(), rtol=1e-2, atol=1e-2)
+        assert differ.float().mean() < 1e-3 and differ.any(1).float().mean() < 0.1
+    with pytest.raises(ValueError, match="cot must be one of"):
+        run_refit(stage_config("refit", "smoke", dict(data=str(data), limit=3, cot="own")), sae_run / "model",
+                  tmp_path / "bad", resume=False)
+
+
 def test_refit_swaps_in_a_fresh_latent_query_head_on_the_frozen_model(data, sae_run, tmp_path):
     from training.refit import run_refit
 

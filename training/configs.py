@@ -136,6 +136,9 @@ class RefitConfig:
     c_focal: float = 0.0
     c_mask_bce: float = 1.0
     ref_dropout: float = 0.0  # as JointConfig.ref_dropout
+    # whose chain of thought the cached states are of: "reference" (the data's, teacher-forced) or "generated"
+    # (the checkpoint's own greedy CoT, as eval and users feed the heads; use scenes the LM was not trained on)
+    cot: str = "reference"
     save_every: int = 200
     mixed_precision: str = "no"  # "no" | "bf16" (autocast of the heads' steps; the cached states stay fp32-computed)
     head: str | None = None  # None: the checkpoint's; "latent_query" / "segcompass": a fresh readout of that kind on the

@@ -71,18 +71,29 @@ def swap_head(model, head: str):
     return model
 
 
+COT_SOURCES = ("reference", "generated")
+
+
 @torch.no_grad()
-def cache_states(model, examples: list[Example], batch_size: int = 16) -> list[CachedStates]:
-    """The language model's teacher-forced states on each example's reference completion (fp32 compute,
-    as at inference)."""
+def cache_states(model, examples: list[Example], batch_size: int = 16, cot: str = "reference") -> list[CachedStates]:
+    """The language model's states on each example (fp32 compute, as at inference): teacher-forced on the
+    reference completion (`cot="reference"`), or its own greedy completion as `encode` writes it for a user
+    (`cot="generated"`: the states the heads read at inference, right or wrong)."""
     from tqdm import tqdm
 
+    if cot not in COT_SOURCES:
+        raise ValueError(f"refit cot must be one of {COT_SOURCES}, got {cot!r}")
     model.eval()
     device = model._device()
     head = model.config.head
     cached: list[CachedStates] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="cache language-model states", unit="batch"):
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"cache language-model states ({cot} CoT)",
+                      unit="batch"):
         chunk = examples[start: start + batch_size]
+        if cot == "generated":
+            cached += [generated_states(model, trace) for trace in model.encode_batch(
+                [example_image(e) for e in chunk], [e.instruction for e in chunk])]
+            continue
         packed = pack_reference(model, chunk, head)
         tokens, _ = model.vision(collate(chunk).pixels.to(device))
         step, _, ref = model.language_states(tokens, packed.ids.to(device), packed.attention_mask.to(device),
@@ -96,6 +107,23 @@ def cache_states(model, examples: list[Example], batch_size: int = 16) -> list[C
     return cached
 
 
+def example_image(example: Example):
+    """The example's image as `encode` takes it: the valid part of its prepared pixels (already at the model's
+    size, so `prepare` keeps it as it is)."""
+    h, w = example.valid_hw
+    return example.pixels[:, :h, :w].permute(1, 2, 0).contiguous().numpy()
+
+
+def generated_states(model, trace) -> CachedStates:
+    """A trace's layer-L states, rebuilt exactly (SAE reconstruction + the error term it keeps)."""
+    device = model._device()
+    hook = model.sae.decode(trace.dense_codes().to(device)) + trace.sae_error.to(device)
+    if not torch.isfinite(hook).all() or hook.abs().max() > 6e4:
+        raise ValueError("layer-L states do not fit float16; the refit cache cannot hold them")
+    return CachedStates(hook=hook.half().cpu(), ids=trace.token_ids.clone(), roles=trace.roles.clone(),
+                        ref=trace.ref_state.float().cpu(), prompt_length=trace.prompt_length)
+
+
 STATES_FILE = "states.pt"
 
 
@@ -104,7 +132,7 @@ def load_or_cache_states(run: Path, init: str | Path, model, examples: list[Exam
     """RUN/states.pt when it was cached from the same checkpoint and examples, else a fresh cache saved there
     (a resumed or repeated refit then skips the language model; ~0.15 MB per smol example)."""
     key = {"init": str(Path(init).resolve()), "data": str(Path(cfg.data).resolve()), "split": cfg.split,
-           "names": [e.name for e in examples]}
+           "cot": cfg.cot, "names": [e.name for e in examples]}
     path = run / STATES_FILE
     if path.is_file():
         try:
@@ -115,7 +143,7 @@ def load_or_cache_states(run: Path, init: str | Path, model, examples: list[Exam
             log.info("refit: %s was cached from another checkpoint or data; caching again", path)
         except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as err:
             log.warning("refit: %s is unreadable (%s); caching again", path, err)
-    states = cache_states(model, examples, cfg.cache_batch_size)
+    states = cache_states(model, examples, cfg.cache_batch_size, cfg.cot)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "states": [s.__dict__ for s in states]}, tmp)
     tmp.replace(path)
@@ -157,6 +185,8 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     """Refit the heads of the checkpoint `init` (or resume run_dir); returns the checkpoint folder."""
     from segcompass.model import SegCompass
 
+    if cfg.cot not in COT_SOURCES:
+        raise ValueError(f"refit cot must be one of {COT_SOURCES}, got {cfg.cot!r}")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     run = setup_run(run_dir, "refit")
