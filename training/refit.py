@@ -74,6 +74,17 @@ def swap_head(model, head: str):
 COT_SOURCES = ("reference", "generated")
 
 
+def check_cot(cot: str) -> None:
+    if cot not in COT_SOURCES:
+        raise ValueError(f"refit cot must be one of {COT_SOURCES}, got {cot!r}")
+
+
+def check_fp16(hook: torch.Tensor) -> None:
+    """The cache stores layer-L states in float16: refuse states it cannot hold."""
+    if not torch.isfinite(hook).all() or hook.abs().max() > 6e4:
+        raise ValueError("layer-L states do not fit float16; the refit cache cannot hold them")
+
+
 @torch.no_grad()
 def cache_states(model, examples: list[Example], batch_size: int = 16, cot: str = "reference") -> list[CachedStates]:
     """The language model's states on each example (fp32 compute, as at inference): teacher-forced on the
@@ -81,8 +92,7 @@ def cache_states(model, examples: list[Example], batch_size: int = 16, cot: str 
     (`cot="generated"`: the states the heads read at inference, right or wrong)."""
     from tqdm import tqdm
 
-    if cot not in COT_SOURCES:
-        raise ValueError(f"refit cot must be one of {COT_SOURCES}, got {cot!r}")
+    check_cot(cot)
     model.eval()
     device = model._device()
     head = model.config.head
@@ -99,8 +109,7 @@ def cache_states(model, examples: list[Example], batch_size: int = 16, cot: str 
         step, _, ref = model.language_states(tokens, packed.ids.to(device), packed.attention_mask.to(device),
                                              packed.prompt_lengths.to(device), logits_to_keep=1)
         hook = step.hook.float()
-        if not torch.isfinite(hook).all() or hook.abs().max() > 6e4:
-            raise ValueError("layer-L states do not fit float16; the refit cache cannot hold them")
+        check_fp16(hook)
         for b, n in enumerate(packed.lengths.tolist()):
             cached.append(CachedStates(hook=hook[b, :n].half().cpu(), ids=packed.ids[b, :n], roles=packed.roles[b, :n],
                                        ref=ref[b].float().cpu(), prompt_length=int(packed.prompt_lengths[b])))
@@ -118,8 +127,7 @@ def generated_states(model, trace) -> CachedStates:
     """A trace's layer-L states, rebuilt exactly (SAE reconstruction + the error term it keeps)."""
     device = model._device()
     hook = model.sae.decode(trace.dense_codes().to(device)) + trace.sae_error.to(device)
-    if not torch.isfinite(hook).all() or hook.abs().max() > 6e4:
-        raise ValueError("layer-L states do not fit float16; the refit cache cannot hold them")
+    check_fp16(hook)
     return CachedStates(hook=hook.half().cpu(), ids=trace.token_ids.clone(), roles=trace.roles.clone(),
                         ref=trace.ref_state.float().cpu(), prompt_length=trace.prompt_length)
 
@@ -185,8 +193,7 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     """Refit the heads of the checkpoint `init` (or resume run_dir); returns the checkpoint folder."""
     from segcompass.model import SegCompass
 
-    if cfg.cot not in COT_SOURCES:
-        raise ValueError(f"refit cot must be one of {COT_SOURCES}, got {cfg.cot!r}")
+    check_cot(cfg.cot)  # before any model loads
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     run = setup_run(run_dir, "refit")
