@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from .serve import launch_local
     from .ui import CSS, build_demo, load_explorer
 
     from segcompass.checkpoint import CheckpointError
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
     demo = build_demo(explorer, max_queue=args.max_queue)
     logging.getLogger("app").info("serving the explorer on http://%s:%d", args.host, args.port)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, css=CSS)
+    launch_local(demo, args.host, args.port, quiet=True, css=CSS)
 
 
 if __name__ == "__main__":

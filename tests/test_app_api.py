@@ -22,12 +22,12 @@ def free_port() -> int:
 
 def serve(explorer):  # noqa: F811
     """Launch the explorer on a free loopback port; returns (demo, url)."""
+    from app.serve import launch_local
     from app.ui import CSS, build_demo
 
     demo = build_demo(explorer)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, share=False, quiet=True, prevent_thread_lock=True,
-                css=CSS)
+    launch_local(demo, "127.0.0.1", port, quiet=True, prevent_thread_lock=True, css=CSS)
     return demo, f"http://127.0.0.1:{port}/"
 
 
