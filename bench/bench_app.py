@@ -101,12 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_api or args.browser:
         from gradio_client import Client, handle_file
 
+        from app.serve import launch_local
         from app.ui import build_demo
         from tests.test_app_api import free_port
 
         demo = build_demo(ex)
         port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, share=False, quiet=True, prevent_thread_lock=True)
+        launch_local(demo, "127.0.0.1", port, quiet=True, prevent_thread_lock=True)
         url = f"http://127.0.0.1:{port}/"
         try:
             if args.browser:
