@@ -107,7 +107,7 @@ class SegCompass(nn.Module):
     # ---- training: one batched, teacher-forced pass -----------------------------------------
     def forward(
         self,
-        pixels_B3SS: torch.Tensor,
+        pixels_B3SS: torch.Tensor | None,
         valid_hw: list[tuple[int, int]],
         ids_BT: torch.Tensor,
         roles_BT: torch.Tensor,
@@ -120,7 +120,7 @@ class SegCompass(nn.Module):
     ) -> ForwardOutput:
         """Right-padded sequences (prompt + completion). The reference token used is the first one
         after the prompt; where there is none, the last real token stands in. `vision_out`, when
-        given, is the vision encoder's (tokens, features) for these rows (pixels are then unused).
+        given, is the vision encoder's (tokens, features) for these rows (pixels are then unused and may be None).
         `ref_dropout` (training): the share of rows whose reference state the heads see as zeros,
         so the slots must carry the target through the SAE concepts (what concept edits act on).
         `ref_shuffle` (training): the share of rows whose heads get another row's reference state

@@ -395,6 +395,46 @@ def test_completion_logits_only_give_the_same_loss_and_heads(data):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_batches_convert_pixels_on_the_device_and_prompts_reuse_the_template(data):
+    """A batch keeps its images uint8 until `pixels_on` (the conversion then runs on the model's device, not the
+    host), giving the floats the host made before; teacher forcing from the batch alone equals teacher forcing
+    from the vision encoder's output on those floats; the cached prompt layout gives the ids and roles of
+    rendering and tokenising the template afresh, per number of visual tokens."""
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.records import TokenRole
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import collate, corpus, load_examples, stack_pixels
+    from training.sft import teacher_forced
+
+    config = get_preset("tiny")
+    examples = load_examples(data, "train", config, cache=False)
+    torch.manual_seed(0)
+    model = build_model(config, build_word_tokenizer(corpus(examples))).eval()
+    batch = collate(examples[:3])
+    cpu = torch.device("cpu")
+    assert batch.pixels_uint8.dtype == torch.uint8
+    assert torch.equal(batch.pixels_on(cpu), stack_pixels(examples[:3])) and torch.equal(batch.pixels, batch.pixels_on(cpu))
+    assert 0.0 <= float(batch.pixels.min()) and float(batch.pixels.max()) <= 1.0
+    with torch.no_grad():
+        own, _ = teacher_forced(model, batch, cpu, "segcompass")
+        given, _ = teacher_forced(model, batch, cpu, "segcompass", vision_out=model.vision(stack_pixels(examples[:3])))
+    assert torch.equal(own.mask_logits, given.mask_logits) and torch.equal(own.lm_logits, given.lm_logits)
+
+    lang = model.language
+    for n_visual in (model.num_visual, 4, model.num_visual):
+        prefix, suffix = lang._template_parts(n_visual)
+        pre, ins, suf = (lang.tokenizer(t, add_special_tokens=False).input_ids
+                         for t in (prefix, examples[0].instruction, suffix))
+        prompt = lang.build_prompt(examples[0].instruction, n_visual)
+        assert prompt.ids == pre + ins + suf
+        assert prompt.roles.count(int(TokenRole.VISUAL)) == n_visual
+        assert prompt.roles.count(int(TokenRole.INSTRUCTION)) == len(ins)
+    first = lang.build_prompt("the red circle", 4)
+    first.ids.append(-1)  # callers own the lists they get: the cached layout is not shared
+    assert lang.build_prompt("the red circle", 4).ids == first.ids[:-1]
+
+
 def test_grow_tensor_pads_input_channels_only():
     from training.grow import grow_tensor, parse_changes
 

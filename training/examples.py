@@ -42,9 +42,19 @@ class Example:
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor  # [B, 3, S, S] float in [0, 1]
+    pixels_uint8: torch.Tensor  # [B, 3, S, S] uint8, as stored
     valid_hw: list[tuple[int, int]]
     examples: list[Example]
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """[B, 3, S, S] float in [0, 1] on the host."""
+        return unit_pixels(self.pixels_uint8)
+
+    def pixels_on(self, device) -> torch.Tensor:
+        """`pixels` made on `device`: the uint8 batch is copied and converted there (on a GPU the host never
+        writes the float batch, 100 MB at 128 smol scenes and most of a batch's host time; `bench.host_batch`)."""
+        return unit_pixels(self.pixels_uint8.to(device))
 
     @property
     def target_mask(self) -> list[torch.Tensor]:
@@ -207,14 +217,19 @@ def _prepare_all(samples, config: SegCompassConfig, desc: str, min_parallel: int
     return out
 
 
+def unit_pixels(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1], what the vision encoder takes."""
+    return pixels_uint8.float() / 255.0
+
+
 def stack_pixels(examples) -> torch.Tensor:
-    """[B, 3, S, S] float in [0, 1], what the vision encoder takes, from the examples' uint8 pixels."""
-    return torch.stack([e.pixels for e in examples]).float() / 255.0
+    """[B, 3, S, S] float in [0, 1] from the examples' uint8 pixels."""
+    return unit_pixels(torch.stack([e.pixels for e in examples]))
 
 
 def collate(examples: list[Example]) -> Batch:
     return Batch(
-        pixels=stack_pixels(examples),
+        pixels_uint8=torch.stack([e.pixels for e in examples]),
         valid_hw=[e.valid_hw for e in examples], examples=list(examples),
     )
 

@@ -40,7 +40,7 @@ def _seg(out, batch_targets_heat, batch_targets_mask, cfg: JointConfig):
 
 def supervised_step(model, batch: Batch, cfg: JointConfig, device) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
-        vision_out = model.vision(batch.pixels.to(device))
+        vision_out = model.vision(batch.pixels_on(device))
     out, _ = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out,
                             ref_dropout=cfg.ref_dropout, ref_shuffle=cfg.ref_shuffle, logits="none")
     seg = _seg(out, batch.target_heat, batch.target_mask, cfg)
@@ -63,7 +63,7 @@ def rollout_step(model, ref_model, batch: Batch, cfg: JointConfig, device, gener
     """One GRPO step on P prompts x G own samples."""
     lang, G = model.language, cfg.group_size
     with torch.no_grad():
-        tokens, feats = model.vision(batch.pixels.to(device))
+        tokens, feats = model.vision(batch.pixels_on(device))
     tokens, feats = tokens.repeat_interleave(G, 0), feats.repeat_interleave(G, 0)
     rows = [e for e in batch.examples for _ in range(G)]
     valid_hw = [e.valid_hw for e in rows]

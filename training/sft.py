@@ -33,7 +33,9 @@ def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_
     packed = pack_reference(model, batch.examples, head)
     T = packed.ids.shape[1]
     keep = {"all": 0, "none": 1, "completion": T - int(packed.prompt_lengths.min()) + 1}[logits]
-    out = model(batch.pixels.to(device), batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
+    if vision_out is None:
+        vision_out = model.vision(batch.pixels_on(device))
+    out = model(None, batch.valid_hw, packed.ids.to(device), packed.roles.to(device),
                 packed.attention_mask.to(device), packed.prompt_lengths.to(device), vision_out=vision_out,
                 ref_dropout=ref_dropout, ref_shuffle=ref_shuffle, logits_to_keep=keep)
     return out, packed
@@ -104,7 +106,7 @@ def sft_loss(model, batch: Batch, cfg: SFTConfig, device, aux_head=None, vocab=N
              ) -> tuple[torch.Tensor, dict]:
     """`vocab` (the `naming_vocab` of the LM) switches the naming loss on when cfg.naming_weight > 0;
     `logits`: see `teacher_forced` (benchmarks compare "all")."""
-    vision_out = model.vision(batch.pixels.to(device))
+    vision_out = model.vision(batch.pixels_on(device))
     out, packed = teacher_forced(model, batch, device, model.config.head, vision_out=vision_out, logits=logits)
     ce = completion_ce(out.lm_logits, packed, device)
     loss = cfg.lm_weight * ce
