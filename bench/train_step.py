@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from segcompass.tokenizer import build_word_tokenizer
     from training.configs import model_config, stage_config
     from training.examples import collate, corpus, load_examples
-    from training.parts import attention_kernel, set_trainable
+    from training.parts import attention_kernel, resolve_mixed_precision, set_trainable
     from training.sft import sft_loss, sft_setup
 
     torch.set_num_threads(args.threads)
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mixed_precision:
         overrides["mixed_precision"] = args.mixed_precision
     cfg = stage_config("sft", args.preset, overrides)
+    requested = cfg.mixed_precision
+    if not args.mixed_precision:  # the preset's, resolved as the stages do (bf16 -> no on a CPU without fast bf16)
+        cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, torch.device("cpu")))
     mc = model_config(cfg)
     n = args.batch * (args.steps + 1)
     examples = load_examples(args.data, args.split, mc, n)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             trunk_times.append(time.perf_counter() - t)
         trunk_bytes = sum(m[0].numel() for m in maps.values()) * 2  # one example's maps in fp16
     result = {"preset": args.preset, "batch": args.batch, "threads": args.threads,
-              "mixed_precision": cfg.mixed_precision, "logits": logits,
+              "mixed_precision": cfg.mixed_precision, "mixed_precision_requested": requested, "logits": logits,
               "frozen_weights": "fp32" if args.fp32_weights or cfg.mixed_precision != "bf16" else "bf16",
               "attention": "flash" if args.flash else "math", "steps_timed": args.steps,
               "s_per_step": round(step, 3), "s_per_example": round(step / args.batch, 4),

@@ -84,6 +84,28 @@ def test_sft_resumes_from_the_saved_step(data, sft_run, tmp_path):
     assert "resuming SFT from step 3" in (tmp_path / "sft" / "sft.log").read_text()
 
 
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(data, sft_run, tmp_path, monkeypatch):
+    """Every smol stage preset asks for bf16, which an AVX2-only CPU emulates ~70x slower than fp32: on such a
+    CPU a stage runs in fp32, says so in its log and records what it ran with; a GPU or a bf16 CPU keep it."""
+    import json
+    import shutil
+
+    import training.parts as parts
+    from training.sft import run_sft
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(parts, "cpu_has_fast_bf16", lambda: True)
+    assert parts.resolve_mixed_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(parts, "cpu_has_fast_bf16", lambda: False)
+    assert parts.resolve_mixed_precision("bf16", cpu) == "no"
+    assert parts.resolve_mixed_precision("bf16", gpu) == "bf16" and parts.resolve_mixed_precision("no", cpu) == "no"
+    run, _, _ = sft_run
+    shutil.copytree(run, tmp_path / "sft")
+    run_sft(stage_config("sft", "smoke", dict(data=str(data), steps=4, mixed_precision="bf16")), tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "sft_config.json").read_text())["mixed_precision"] == "no"
+    assert "mixed_precision bf16 -> no" in (tmp_path / "sft" / "sft.log").read_text()
+
+
 def test_sft_init_trains_a_checkpoint_further_and_checks_the_head(data, sft_run, tmp_path):
     """`sft --init CKPT`: the checkpoint's weights and tokenizer, a fresh schedule; a head mismatch is refused."""
     from training.__main__ import main

@@ -51,6 +51,26 @@ def set_trainable(model, stage: str) -> None:
     freeze_external(model)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX, or AVX512 through oneDNN). On an AVX2-only
+    CPU PyTorch emulates it: a [2048 x 576] @ [576 x 1536] matmul took 2.89 s in bf16 against 0.040 s in fp32 on
+    2 cores (72x), so a bf16 smol SFT step crawled (docs/results.md, "Session 21")."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: trust the instruction set
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """The mixed precision a stage actually runs with: the requested one, except bf16 on a CPU without fast bf16,
+    which falls back to fp32 ("no") with a warning (every smol stage preset asks for bf16)."""
+    if requested == "bf16" and torch.device(device).type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("mixed_precision bf16 -> no: this CPU (%s) has no native bf16, which PyTorch would emulate "
+                    "about 70x slower than fp32", torch.backends.cpu.get_cpu_capability())
+        return "no"
+    return requested
+
+
 def cast_external_language(model, mixed_precision: str) -> int:
     """Under bf16 mixed precision, keep the language model's package weights (frozen, never saved)
     in bf16; returns how many tensors were cast.
