@@ -46,8 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from segcompass.model import SegCompass
-    from segcompass.language import Prompt
-    from segcompass.records import TokenRole
     from training.examples import collate, load_examples, pack_reference, unit_pixels
 
     torch.set_num_threads(1)  # the training process's data work is single-threaded Python + torch
@@ -62,12 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows = (examples + examples)[start:start + args.batch]
         return rows if len(rows) == args.batch else (rows * args.batch)[:args.batch]
 
-    def uncached_prompt(text: str) -> Prompt:  # build_prompt as it was: the template per example
+    def uncached_prompt(text: str):  # build_prompt as it was: the template rendered and tokenised per example
         prefix, suffix = lang._template_parts(n_visual)
-        pre, ins, suf = lang._encode(prefix), lang._encode(text), lang._encode(suffix)
-        roles = [TokenRole.VISUAL if t == lang.image_id else TokenRole.SPECIAL for t in pre]
-        roles += [TokenRole.INSTRUCTION] * len(ins) + [TokenRole.SPECIAL] * len(suf)
-        return Prompt(ids=pre + ins + suf, roles=[int(r) for r in roles])
+        return lang.prompt_from_ids(lang._encode(prefix), lang._encode(text), lang._encode(suffix))
 
     same = all(uncached_prompt(e.instruction) == lang.build_prompt(e.instruction, n_visual) for e in chunk(0))
     lang.build_prompt(examples[0].instruction, n_visual)  # warm the template cache, as after the first step
