@@ -84,6 +84,17 @@ def test_sft_resumes_from_the_saved_step(data, sft_run, tmp_path):
     assert "resuming SFT from step 3" in (tmp_path / "sft" / "sft.log").read_text()
 
 
+def test_sft_with_prefetched_batches_trains_the_same_weights(data, sft_run, tmp_path):
+    """`prefetch=on` (the default on a GPU: the next batch made in a thread during the step) changes when batches
+    are made, not what is trained: the same weights as the in-place run of the `sft_run` fixture."""
+    _, _, reference = sft_run
+    _, model = sft(data, tmp_path / "sft", prefetch="on")
+    for (name, a), (_, b) in zip(sorted(reference.state_dict().items()), sorted(model.state_dict().items())):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="prefetch"):
+        sft(data, tmp_path / "bad", prefetch="sometimes")
+
+
 def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(data, sft_run, tmp_path, monkeypatch):
     """Every smol stage preset asks for bf16, which an AVX2-only CPU emulates ~70x slower than fp32: on such a
     CPU a stage runs in fp32, says so in its log and records what it ran with; a GPU or a bf16 CPU keep it."""
@@ -455,6 +466,35 @@ def test_batches_convert_pixels_on_the_device_and_prompts_reuse_the_template(dat
     first = lang.build_prompt("the red circle", 4)
     first.ids.append(-1)  # callers own the lists they get: the cached layout is not shared
     assert lang.build_prompt("the red circle", 4).ids == first.ids[:-1]
+
+
+def test_prefetched_sft_batches_equal_the_batches_made_in_place(data):
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.common import Batches
+    from training.examples import collate, corpus, load_examples, pack_reference, packed_reference
+    from training.prefetch import Prefetcher
+
+    config = get_preset("tiny")
+    examples = load_examples(data, "train", config, cache=False)
+    model = build_model(config, build_word_tokenizer(corpus(examples)))
+    batches = Batches(len(examples), 3, seed=0)
+
+    def make_batch(step):
+        batch = collate([examples[i] for i in batches.at(step)])
+        packed_reference(model, batch, "segcompass")
+        return batch
+
+    with Prefetcher(make_batch) as get:
+        for step in range(4):
+            got = get(step)
+            chosen = [examples[i] for i in batches.at(step)]
+            direct = pack_reference(model, chosen, "segcompass")
+            assert [e.name for e in got.examples] == [e.name for e in chosen]
+            assert torch.equal(got.pixels_uint8, collate(chosen).pixels_uint8)
+            assert torch.equal(packed_reference(model, got, "segcompass").ids, direct.ids)
+            assert torch.equal(got.packed["segcompass"].roles, direct.roles)
 
 
 def test_grow_tensor_pads_input_channels_only():

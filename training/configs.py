@@ -48,6 +48,7 @@ class SFTConfig:
     c_mask_bce: float = 1.0
     save_every: int = 200
     mixed_precision: str = "no"  # accelerate's: "no" | "bf16" (CPU autocast too) | "fp16" (GPU)
+    prefetch: str = "auto"  # make the next batch in a thread during the step (training.prefetch): "auto" = on a GPU
     seed: int = 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class Batch:
     pixels_uint8: torch.Tensor  # [B, 3, S, S] uint8, as stored
     valid_hw: list[tuple[int, int]]
     examples: list[Example]
+    packed: dict = field(default_factory=dict)  # head -> the reference completions packed (`packed_reference`)
 
     @property
     def pixels(self) -> torch.Tensor:
@@ -247,6 +248,13 @@ def pack_reference(model, examples: list[Example], head: str):
     lang = model.language
     return lang.pack([lang.build_prompt(e.instruction, model.num_visual) for e in examples],
                      [lang.encode_completion(completion_cot(e, head)) for e in examples])
+
+
+def packed_reference(model, batch: Batch, head: str):
+    """`pack_reference` of a batch's examples, made once per batch and head (a prefetching thread may have made it)."""
+    if head not in batch.packed:
+        batch.packed[head] = pack_reference(model, batch.examples, head)
+    return batch.packed[head]
 
 
 def corpus(examples: list[Example]) -> list[str]:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
-from .examples import Batch, collate, corpus, load_examples, pack_reference
+from .examples import Batch, collate, corpus, load_examples, packed_reference
 from .losses import stage_seg_losses
 from .loop import train_loop
+from .prefetch import Prefetcher
 from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups,
                     resolve_mixed_precision, set_trainable)
 
@@ -32,7 +33,7 @@ def teacher_forced(model, batch: Batch, device, head: str, vision_out=None, ref_
 
     `logits`: "completion" computes LM logits from the last prompt position on (all that
     `completion_ce` reads), "none" for the last position only (seg-only steps), "all" everywhere."""
-    packed = pack_reference(model, batch.examples, head)
+    packed = packed_reference(model, batch, head)
     T = packed.ids.shape[1]
     keep = {"all": 0, "none": 1, "completion": T - int(packed.prompt_lengths.min()) + 1}[logits]
     if vision_out is None:
@@ -201,11 +202,21 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     log.info("SFT: %d examples, %d trainable parameters, head %s", len(examples),
              sum(p.numel() for p in inner.parameters() if p.requires_grad), cfg.head)
 
-    def sft_step(step: int):
+    def make_batch(step: int) -> Batch:
         batch = collate([examples[i] for i in batches.at(step)])
-        with accelerator.autocast(), attention_kernel(accelerator.device):  # autocast: no-op unless mixed_precision
-            loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head, vocab)
-        return loss, stats, ""
+        packed_reference(inner, batch, cfg.head)
+        return batch
 
-    train_loop("sft", run, inner, optimizer, clock, step, cfg, sft_step, accelerator)
+    # on a GPU the next batch is made while the step runs (training.prefetch); on a CPU the step has the cores
+    if cfg.prefetch not in ("auto", "on", "off"):
+        raise ValueError(f"sft prefetch must be auto, on or off, got {cfg.prefetch!r}")
+    prefetch = cfg.prefetch == "on" or (cfg.prefetch == "auto" and accelerator.device.type == "cuda")
+    with Prefetcher(make_batch, enabled=prefetch) as next_batch:
+        def sft_step(step: int):
+            batch = next_batch(step)
+            with accelerator.autocast(), attention_kernel(accelerator.device):  # autocast: no-op unless mixed_precision
+                loss, stats = sft_loss(inner, batch, cfg, accelerator.device, aux_head, vocab)
+            return loss, stats, ""
+
+        train_loop("sft", run, inner, optimizer, clock, step, cfg, sft_step, accelerator)
     return run / MODEL_DIR
