@@ -31,8 +31,9 @@ class Prefetcher(Generic[T]):
         if self.pending is not None and self.pending[0] == step:
             result = self.pending[1].result()
         else:
-            if self.pending is not None:
-                self.pending[1].cancel()
+            stale = self.pending
+            if stale is not None and not stale[1].cancel():
+                stale[1].exception()  # wait for it: never two `make`s at once (fast tokenizers refuse concurrent use)
             result = self.make(step)
         self.pending = (step + 1, self.pool.submit(self.make, step + 1))
         return result
