@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from segcompass.tokenizer import build_word_tokenizer
     from training.configs import model_config, stage_config
     from training.examples import collate, corpus, load_examples
-    from training.parts import attention_kernel, resolve_mixed_precision, set_trainable
+    from training.parts import attention_kernel, set_trainable, with_runnable_precision
     from training.sft import sft_loss, sft_setup
 
     torch.set_num_threads(args.threads)
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = stage_config("sft", args.preset, overrides)
     requested = cfg.mixed_precision
     if not args.mixed_precision:  # the preset's, resolved as the stages do (bf16 -> no on a CPU without fast bf16)
-        cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, torch.device("cpu")))
+        cfg = with_runnable_precision(cfg, torch.device("cpu"))
     mc = model_config(cfg)
     n = args.batch * (args.steps + 1)
     examples = load_examples(args.data, args.split, mc, n)

@@ -13,7 +13,6 @@ Trained/frozen parts and per-module learning rates: see training/parts.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,14 +20,14 @@ import torch
 
 from segcompass.slot_mapper import kept_slots
 
-from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
+from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import JointConfig, save_config
 from .examples import Batch, collate, load_examples
 from .grpo import completion_logprobs, group_advantages, grpo_loss
 from .losses import stage_seg_losses
 from .loop import train_loop
-from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups,
-                    resolve_mixed_precision, set_trainable)
+from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable,
+                    with_runnable_precision)
 from .rewards import format_reward, mask_score, total_reward
 from .sft import completion_ce, teacher_forced
 
@@ -113,7 +112,7 @@ def run_joint(cfg: JointConfig, init: str | Path, run_dir: str | Path, resume: b
     from segcompass.model import SegCompass
 
     run = setup_run(run_dir, "joint")
-    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, default_device()))
+    cfg = with_runnable_precision(cfg)
     save_config(cfg, run / "joint_config.json")
     seed_everything(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)

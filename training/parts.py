@@ -9,12 +9,15 @@ A baseline head replaces codebook + slot mapper (which it never uses, so they st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
 from segcompass.checkpoint import freeze_external
+
+from .common import default_device
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def set_trainable(model, stage: str) -> None:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX, or AVX512 through oneDNN). On an AVX2-only
     CPU PyTorch emulates it: a [2048 x 576] @ [576 x 1536] matmul took 2.89 s in bf16 against 0.040 s in fp32 on
-    2 cores (72x), so a bf16 smol SFT step crawled (docs/results.md, "Session 21")."""
+    2 cores (72x; `python -m bench.cpu_bf16`), so a bf16 smol SFT step crawled (docs/results.md, "Session 21")."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: trust the instruction set
@@ -69,6 +72,13 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
                     "about 70x slower than fp32", torch.backends.cpu.get_cpu_capability())
         return "no"
     return requested
+
+
+def with_runnable_precision(cfg, device: torch.device | None = None):
+    """A stage config with `mixed_precision` resolved (`resolve_mixed_precision`) for `device` (default: the GPU
+    when one is visible, else the CPU), so that the stage runs and saves what it will really use."""
+    device = default_device() if device is None else device
+    return dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device))
 
 
 def cast_external_language(model, mixed_precision: str) -> int:

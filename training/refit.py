@@ -14,7 +14,6 @@ The language model is unchanged, so the checkpoint's chains of thought are the s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .configs import RefitConfig, save_config
 from .examples import Example, collate, load_examples, pack_reference
 from .losses import stage_seg_losses
 from .loop import train_loop
-from .parts import resolve_mixed_precision
+from .parts import with_runnable_precision
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     run = setup_run(run_dir, "refit")
-    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, default_device()))
+    cfg = with_runnable_precision(cfg)
     save_config(cfg, run / "refit_config.json")
     seed_everything(cfg.seed)
     state = load_state(run) if resume else None

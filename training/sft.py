@@ -8,21 +8,20 @@ encoder's mask-path features are learned here only (it is frozen in the joint st
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
+from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, corpus, load_examples, packed_reference
 from .losses import stage_seg_losses
 from .loop import train_loop
+from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable,
+                    with_runnable_precision)
 from .prefetch import Prefetcher
-from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups,
-                    resolve_mixed_precision, set_trainable)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     from segcompass.tokenizer import build_word_tokenizer
 
     run = setup_run(run_dir, "sft")
-    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, default_device()))
+    cfg = with_runnable_precision(cfg)
     save_config(cfg, run / "sft_config.json")
     seed_everything(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
