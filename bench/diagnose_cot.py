@@ -11,7 +11,10 @@ e.g. the right colour with a wrong shape), for attribute queries the share whose
 ("anchor : red circle at top left") are right, and over all families the share of region phrases
 that say "middle centre" in the generated and in the reference CoT (a model blind to where things
 are falls back to the centre: 80 % against 17 % for the shipped smol of session 16 on the first 60 of
-ShapeWorld val).
+ShapeWorld val). For knowledge queries the CoT is split where the knowledge ends and the looking
+begins: the share of the reference's facts ("a carrot is orange .") the generated CoT states, and the
+share whose conclusion ("so the orange diamond .") matches: the knowledge step alone, before any
+perception; the answer after it needs the image too. `--family knowledge` scores one family only.
 
     python -m bench.diagnose_cot --checkpoint assets/checkpoints/tiny --data data/shapeworld --split val --limit 60
 """
@@ -54,6 +57,30 @@ def _anchor_region(cot: str) -> str | None:
     return match.group(1) if match else None
 
 
+_CONCLUSION = re.compile(r"(?:^|\. )so the ([^.]*?) \.")
+
+
+def _knowledge_split(cot: str) -> tuple[list[str], str | None]:
+    """A knowledge CoT ("a carrot is orange . a square on its corner is a diamond . so the orange diamond .
+    answer : …") as its facts and its conclusion ("orange diamond"); ([], None) without a conclusion."""
+    match = _CONCLUSION.search(cot)
+    if not match:
+        return [], None
+    facts = [f.strip() for f in cot[: match.start()].split(" .") if f.strip()]
+    return facts, match.group(1).strip()
+
+
+def _knowledge_scores(generated: str, reference: str) -> tuple[float | None, float | None]:
+    """(share of the reference's facts the generated CoT states, 1 if its conclusion matches the reference's);
+    (None, None) where the reference has no knowledge step."""
+    facts, conclusion = _knowledge_split(reference)
+    if conclusion is None:
+        return None, None
+    got_facts, got_conclusion = _knowledge_split(generated)
+    fact_share = float(np.mean([f in got_facts for f in facts])) if facts else None
+    return fact_share, float(got_conclusion == conclusion)
+
+
 def _centre_share(cot: str) -> list[float]:
     """One value per region phrase of `cot`: 1 where it is "middle centre"."""
     return [float(p == ("middle", "centre")) for p in _REGION_PHRASE.findall(cot)]
@@ -90,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--family", default=None, help="score only this query family (e.g. knowledge)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -99,7 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     from training.data.loaders import load_reasonseg
 
     model = SegCompass.from_pretrained(args.checkpoint)
-    samples = [s for s in load_reasonseg(args.data, split=args.split) if s.cot][: args.limit]
+    samples = [s for s in load_reasonseg(args.data, split=args.split)
+               if s.cot and args.family in (None, s.family)][: args.limit]
+    if not samples:
+        raise SystemExit(f"no examples with a reference CoT{' of family ' + args.family if args.family else ''} "
+                         f"in {args.data}/{args.split}")
     rows = defaultdict(list)
     for s in samples:
         image, gt = s.load_image(), s.gt_mask()
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             anchor = float(_anchor_region(trace.cot) == _anchor_region(s.cot))
         row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced,
                _names_no_object(_answer(trace.cot), s.objects), region, anchor,
-               _centre_share(trace.cot), _centre_share(s.cot), centred)
+               _centre_share(trace.cot), _centre_share(s.cot), centred, *_knowledge_scores(trace.cot, s.cot))
         rows["all"].append(row)
         rows[s.family or "?"].append(row)
     report = {fam: {"count": len(r), "answer_exact_match": round(float(np.mean([x[0] for x in r])), 3),
@@ -129,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                     **_share("attribute_region_words_right", [x[4] for x in r]),
                     **_share("relation_anchor_region_right", [x[5] for x in r]),
                     **_share("region_phrases_middle_centre_generated", [v for x in r for v in x[6]]),
-                    **_share("region_phrases_middle_centre_reference", [v for x in r for v in x[7]])}
+                    **_share("region_phrases_middle_centre_reference", [v for x in r for v in x[7]]),
+                    **_share("knowledge_facts_stated", [x[9] for x in r]),
+                    **_share("knowledge_conclusion_right", [x[10] for x in r])}
               for fam, r in rows.items()}
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **report}, indent=2))
 

@@ -39,6 +39,9 @@ def test_diagnose_cot_scores_both_ways_and_names_answers(data, capsys):
 
     out = run(main, ["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3"], capsys)
     assert out["all"]["count"] == 3
+    family = next(k for k in out if k not in ("all", "checkpoint", "split"))
+    one = run(main, ["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--family", family], capsys)
+    assert set(one) == {"checkpoint", "split", "all", family} and one["all"]["count"] == out[family]["count"]
     assert 0 <= out["all"]["gIoU_teacher_forced"] <= 1
     assert 0 <= out["all"]["gIoU_teacher_forced_regions_centred"] <= 1
     assert 0 <= out["all"].get("answer_names_no_object", 0) <= 1
@@ -58,6 +61,19 @@ def test_diagnose_cot_answer_helpers():
     assert _centre_share(cot) == [1.0, 0.0]
     assert _centre_regions(cot) == cot.replace("at top left", "at middle centre")
     assert _centre_regions("found it in the bottom right . answer : x .") == "found it in the middle centre . answer : x ."
+
+
+def test_diagnose_cot_splits_knowledge_from_looking():
+    from bench.diagnose_cot import _knowledge_scores, _knowledge_split
+
+    ref = "a carrot is orange . a square on its corner is a diamond . so the orange diamond . answer : large orange diamond ."
+    assert _knowledge_split(ref) == (["a carrot is orange", "a square on its corner is a diamond"], "orange diamond")
+    assert _knowledge_split("looking for the red circle . answer : small red circle .") == ([], None)
+    # Right conclusion, one of two facts, wrong answer: the knowledge step is scored apart from the answer.
+    got = "a carrot is orange . so the orange diamond . answer : small orange diamond ."
+    assert _knowledge_scores(got, ref) == (0.5, 1.0)
+    assert _knowledge_scores("a carrot is red . so the red diamond . answer : x .", ref) == (0.0, 0.0)
+    assert _knowledge_scores(got, "looking for the red circle . answer : x .") == (None, None)
 
 
 def test_probe_reads_attributes_from_the_visual_tokens(data, capsys):
@@ -160,3 +176,28 @@ def test_step_ops_counts_a_training_step_whose_dispatch_does_not_grow_with_the_b
         assert 0 < out["hungarian_matchings"] <= out["batch"]
     assert big["parts"]["backward"]["ops"] == small["parts"]["backward"]["ops"]
     assert (big["ops_total"] - small["ops_total"]) / 2 < 40
+
+
+def test_knowledge_unseen_asks_with_facts_outside_the_table(tmp_path, capsys):
+    import numpy as np
+
+    from bench.knowledge_unseen import UNSEEN_FACTS, attributes, conclusion, main, unseen_query
+    from training.data.shapeworld import COLORS, KNOWLEDGE_FACTS, SHAPES, generate_split
+    from training.data.shapeworld_queries import KNOWLEDGE_TEMPLATES
+
+    assert set(UNSEEN_FACTS) == set(SHAPES) | set(COLORS)
+    table = {c for f in KNOWLEDGE_FACTS for c in f.clauses}
+    assert not table & {c for cs in UNSEEN_FACTS.values() for c in cs}
+    assert conclusion("a carrot is orange . so the orange diamond . answer : x .") == "orange diamond"
+    assert attributes("white shape") == ["white"] and attributes("orange diamond") == ["orange", "diamond"]
+    query = unseen_query(["white"], np.random.default_rng(0), KNOWLEDGE_TEMPLATES)
+    assert any(c in query for c in UNSEEN_FACTS["white"]) and not any(c in query for c in table)
+
+    generate_split(tmp_path, "val", 30, seed=3)
+    out = run(main, ["--checkpoint", CHECKPOINT, "--data", str(tmp_path), "--split", "val", "--limit", "2",
+                     "--rows"], capsys)
+    assert out["count"] == 2 and len(out["rows"]) == 2
+    for row in out["rows"]:
+        assert row["table"]["query"] != row["unseen"]["query"]
+        assert 0 <= row["unseen"]["iou"] <= 1
+    assert 0 <= out["gIoU_unseen"] <= 1 and 0 <= out["conclusion_right_table"] <= 1
