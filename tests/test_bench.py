@@ -201,3 +201,43 @@ def test_knowledge_unseen_asks_with_facts_outside_the_table(tmp_path, capsys):
         assert row["table"]["query"] != row["unseen"]["query"]
         assert 0 <= row["unseen"]["iou"] <= 1
     assert 0 <= out["gIoU_unseen"] <= 1 and 0 <= out["conclusion_right_table"] <= 1
+
+
+def test_lm_facts_clozes_and_scoring():
+    import torch
+
+    from bench.lm_facts import COLOUR_WORDS, SHAPE_WORDS, best_candidate, cloze, facts
+
+    assert cloze("is the colour of a cloud", "white") == ("a cloud is", COLOUR_WORDS)
+    assert cloze("is the same colour as a carrot", "orange") == ("a carrot is", COLOUR_WORDS)
+    assert cloze("is shaped like a kite", "diamond") == ("a kite is a", SHAPE_WORDS)
+    assert cloze("has six sides", "hexagon") == ("a shape that has six sides is a", SHAPE_WORDS)
+    for items in facts().values():  # every clause becomes a cloze that no longer says the relation
+        for clause, attribute in items:
+            prefix, words = cloze(clause, attribute)
+            assert attribute in words and "colour of" not in prefix and "shaped like" not in prefix
+
+    class Tok:  # one id per word
+        vocab = {w: i for i, w in enumerate("a kite is".split() + list(SHAPE_WORDS))}
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab[w] for w in text.split()]}
+
+    class LM:  # logits that favour "hexagon" after any prefix
+        def __call__(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, len(Tok.vocab))
+            logits[..., Tok.vocab["hexagon"]] = 5.0
+            return type("Out", (), {"logits": logits})()
+
+    assert best_candidate(LM(), Tok(), "a kite is a", SHAPE_WORDS) == "hexagon"
+
+
+def test_lm_facts_runs_on_the_shipped_smol_with_and_without_adapters(capsys):
+    from bench.lm_facts import main
+
+    out = run(main, ["--checkpoint", "assets/checkpoints/smol", "--limit", "2", "--rows"], capsys)
+    assert out["table_count"] == 2 and out["unseen_count"] == 2 and len(out["rows"]) == 8
+    assert {(r["facts"], r["adapters"]) for r in out["rows"]} == {(f, a) for f in ("table", "unseen") for a in ("on", "off")}
+    for key in ("table_adapters_on", "table_adapters_off", "unseen_adapters_on", "unseen_adapters_off"):
+        assert 0 <= out[key] <= 1
