@@ -60,7 +60,7 @@ def _anchor_region(cot: str) -> str | None:
 _CONCLUSION = re.compile(r"(?:^|\. )so the ([^.]*?) \.")
 
 
-def _knowledge_split(cot: str) -> tuple[list[str], str | None]:
+def knowledge_split(cot: str) -> tuple[list[str], str | None]:
     """A knowledge CoT ("a carrot is orange . a square on its corner is a diamond . so the orange diamond .
     answer : …") as its facts and its conclusion ("orange diamond"); ([], None) without a conclusion."""
     match = _CONCLUSION.search(cot)
@@ -73,10 +73,10 @@ def _knowledge_split(cot: str) -> tuple[list[str], str | None]:
 def _knowledge_scores(generated: str, reference: str) -> tuple[float | None, float | None]:
     """(share of the reference's facts the generated CoT states, 1 if its conclusion matches the reference's);
     (None, None) where the reference has no knowledge step."""
-    facts, conclusion = _knowledge_split(reference)
+    facts, conclusion = knowledge_split(reference)
     if conclusion is None:
         return None, None
-    got_facts, got_conclusion = _knowledge_split(generated)
+    got_facts, got_conclusion = knowledge_split(generated)
     fact_share = float(np.mean([f in got_facts for f in facts])) if facts else None
     return fact_share, float(got_conclusion == conclusion)
 

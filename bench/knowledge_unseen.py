@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 
 import numpy as np
 
+from bench.diagnose_cot import knowledge_split
+
 # Everyday facts outside ShapeWorld's table (training.data.shapeworld_facts), one attribute each, each a clause
-# completing "Which shape …?". Kept unambiguous among ShapeWorld's six shapes and eight colours.
+# completing "Which shape …?". Kept unambiguous among ShapeWorld's six shapes and seven colours.
 UNSEEN_FACTS: dict[str, tuple[str, ...]] = {
     "circle": ("is shaped like a coin", "has the shape of a dinner plate", "is shaped like a clock face"),
     "triangle": ("has three sides", "is shaped like a yield sign"),
@@ -45,13 +46,10 @@ UNSEEN_FACTS: dict[str, tuple[str, ...]] = {
     "white": ("is the colour of a cloud", "is the colour of a polar bear", "is the colour of a swan"),
 }
 
-_CONCLUSION = re.compile(r"(?:^|\. )so the ([^.]*?) \.")
-
 
 def conclusion(cot: str) -> str | None:
     """The attributes a knowledge CoT concludes ("so the orange diamond ." -> "orange diamond")."""
-    match = _CONCLUSION.search(cot)
-    return match.group(1).strip() if match else None
+    return knowledge_split(cot)[1]
 
 
 def attributes(words: str) -> list[str]:

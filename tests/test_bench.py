@@ -64,11 +64,11 @@ def test_diagnose_cot_answer_helpers():
 
 
 def test_diagnose_cot_splits_knowledge_from_looking():
-    from bench.diagnose_cot import _knowledge_scores, _knowledge_split
+    from bench.diagnose_cot import _knowledge_scores, knowledge_split
 
     ref = "a carrot is orange . a square on its corner is a diamond . so the orange diamond . answer : large orange diamond ."
-    assert _knowledge_split(ref) == (["a carrot is orange", "a square on its corner is a diamond"], "orange diamond")
-    assert _knowledge_split("looking for the red circle . answer : small red circle .") == ([], None)
+    assert knowledge_split(ref) == (["a carrot is orange", "a square on its corner is a diamond"], "orange diamond")
+    assert knowledge_split("looking for the red circle . answer : small red circle .") == ([], None)
     # Right conclusion, one of two facts, wrong answer: the knowledge step is scored apart from the answer.
     got = "a carrot is orange . so the orange diamond . answer : small orange diamond ."
     assert _knowledge_scores(got, ref) == (0.5, 1.0)
