@@ -23,9 +23,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-
-def _answer(cot: str) -> str:
-    return cot.split("answer :")[-1].strip()
+from bench.diagnose_cot import answer_phrase
 
 
 def select(cands: list[dict], rule: str) -> dict:
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         cands = []
         for trace in traces:
             pred = model.decode(trace)
-            cands.append({"cot": trace.cot, "answer": _answer(trace.cot), "iou": float(iou(pred.mask, gt)),
+            cands.append({"cot": trace.cot, "answer": answer_phrase(trace.cot), "iou": float(iou(pred.mask, gt)),
                           "conf": [round(float(c), 4) for c in pred.confidences]})
         rows.append({"name": s.name, "family": s.family, "cands": cands})
     report = {"checkpoint": args.checkpoint, "split": args.split, "count": len(rows), "temperature": args.temperature,

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 
-def _answer(cot: str) -> str:
+def answer_phrase(cot: str) -> str:
+    """What a CoT names after "answer :" ("… answer : large orange star ." -> "large orange star .")."""
     return cot.split("answer :")[-1].strip()
 
 
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         anchor = None
         if s.family == "relation" and _anchor_region(s.cot):
             anchor = float(_anchor_region(trace.cot) == _anchor_region(s.cot))
-        row = (float(_answer(trace.cot) == _answer(s.cot)), generated, forced,
-               _names_no_object(_answer(trace.cot), s.objects), region, anchor,
+        row = (float(answer_phrase(trace.cot) == answer_phrase(s.cot)), generated, forced,
+               _names_no_object(answer_phrase(trace.cot), s.objects), region, anchor,
                _centre_share(trace.cot), _centre_share(s.cot), centred, *_knowledge_scores(trace.cot, s.cot))
         rows["all"].append(row)
         rows[s.family or "?"].append(row)

@@ -24,8 +24,10 @@ import json
 import os
 import re
 
-COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
-SHAPE_WORDS = ("circle", "triangle", "square", "diamond", "hexagon", "star")
+from training.data.shapeworld_scene import COLORS, SHAPES
+
+COLOUR_WORDS = tuple(COLORS)  # ShapeWorld's 7 colours and 6 shapes: the candidates of every cloze
+SHAPE_WORDS = SHAPES
 
 _COLOUR_OF = re.compile(r"^(?:is|has) the colou?r of (.+)$|^is the same colou?r as (.+)$")
 _SHAPE_OF = re.compile(r"^(?:is shaped like|has the shape of) (.+)$")
