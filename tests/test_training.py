@@ -20,6 +20,19 @@ def data(tmp_path_factory):
     return root
 
 
+def tiny_model_and_examples(data):
+    """The train examples of `data` (uncached, tiny preset) and a tiny model seeded 0 on their words."""
+    from segcompass.build import build_model
+    from segcompass.presets import get_preset
+    from segcompass.tokenizer import build_word_tokenizer
+    from training.examples import corpus, load_examples
+
+    config = get_preset("tiny")
+    examples = load_examples(data, "train", config, cache=False)
+    torch.manual_seed(0)
+    return examples, build_model(config, build_word_tokenizer(corpus(examples)))
+
+
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -402,16 +415,11 @@ def test_naming_loss_reads_visual_tokens_through_the_lm_unembedding(data):
 def test_completion_logits_only_give_the_same_loss_and_heads(data):
     """Training computes LM logits only from the last prompt position on: the completion loss, the
     hook states and the mask path equal those of the full pass."""
-    from segcompass.build import build_model
-    from segcompass.presets import get_preset
-    from segcompass.tokenizer import build_word_tokenizer
-    from training.examples import collate, corpus, load_examples
+    from training.examples import collate
     from training.sft import completion_ce, teacher_forced
 
-    config = get_preset("tiny")
-    examples = load_examples(data, "train", config, cache=False)
-    torch.manual_seed(0)
-    model = build_model(config, build_word_tokenizer(corpus(examples))).eval()
+    examples, model = tiny_model_and_examples(data)
+    model.eval()
     batch = collate(examples[:4])
     cpu = torch.device("cpu")
     with torch.no_grad():
@@ -433,17 +441,12 @@ def test_batches_convert_pixels_on_the_device_and_prompts_reuse_the_template(dat
     host), giving the floats the host made before; teacher forcing from the batch alone equals teacher forcing
     from the vision encoder's output on those floats; the cached prompt layout gives the ids and roles of
     rendering and tokenising the template afresh, per number of visual tokens."""
-    from segcompass.build import build_model
-    from segcompass.presets import get_preset
     from segcompass.records import TokenRole
-    from segcompass.tokenizer import build_word_tokenizer
-    from training.examples import collate, corpus, load_examples, stack_pixels
+    from training.examples import collate, stack_pixels
     from training.sft import teacher_forced
 
-    config = get_preset("tiny")
-    examples = load_examples(data, "train", config, cache=False)
-    torch.manual_seed(0)
-    model = build_model(config, build_word_tokenizer(corpus(examples))).eval()
+    examples, model = tiny_model_and_examples(data)
+    model.eval()
     batch = collate(examples[:3])
     cpu = torch.device("cpu")
     assert batch.pixels_uint8.dtype == torch.uint8
@@ -469,16 +472,11 @@ def test_batches_convert_pixels_on_the_device_and_prompts_reuse_the_template(dat
 
 
 def test_prefetched_sft_batches_equal_the_batches_made_in_place(data):
-    from segcompass.build import build_model
-    from segcompass.presets import get_preset
-    from segcompass.tokenizer import build_word_tokenizer
     from training.common import Batches
-    from training.examples import collate, corpus, load_examples, pack_reference, packed_reference
+    from training.examples import collate, pack_reference, packed_reference
     from training.prefetch import Prefetcher
 
-    config = get_preset("tiny")
-    examples = load_examples(data, "train", config, cache=False)
-    model = build_model(config, build_word_tokenizer(corpus(examples)))
+    examples, model = tiny_model_and_examples(data)
     batches = Batches(len(examples), 3, seed=0)
 
     def make_batch(step):
