@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from bench.diagnose_cot import answer_phrase
+from bench.verify_cot import Percept, perceive, verify
 
 
 def select(cands: list[dict], rule: str) -> dict:
@@ -36,28 +37,32 @@ def select(cands: list[dict], rule: str) -> dict:
         return max(cands, key=lambda c: max(c["conf"]))
     if rule == "mean_conf":
         return max(cands, key=lambda c: float(np.mean(c["conf"])))
+    if rule == "verified":  # the best-supported claims (bench.verify_cot); a CoT naming no object counts as the greedy one
+        base = cands[0].get("verify")
+        base = 0.0 if base is None else base
+        return max(cands, key=lambda c: base if c.get("verify") is None else c["verify"])
     if rule == "vote":
         votes = Counter(c["answer"] for c in cands)
         return max(cands, key=lambda c: votes[c["answer"]])  # max keeps the first of equals: greedy, then order
     raise ValueError(f"unknown rule {rule!r}")
 
 
-RULES = ("greedy", "oracle", "max_conf", "mean_conf", "vote")
+RULES = ("greedy", "oracle", "max_conf", "mean_conf", "vote", "verified")
 
 
 def summarise(rows: list[dict], n: int, seed: int = 0) -> dict:
     out = {}
     for k in range(1, n + 1):
         scores = {rule: np.array([select(r["cands"][:k + 1], rule)["iou"] for r in rows]) for rule in RULES}
-        diff = scores["max_conf"] - scores["greedy"]
+        diff = scores["verified"] - scores["greedy"]
         rng = np.random.default_rng(seed)
         boot = [float(diff[rng.integers(0, len(diff), len(diff))].mean()) for _ in range(2000)]
         out[f"n={k}"] = {**{rule: round(float(v.mean()), 3) for rule, v in scores.items()},
-                         "max_conf_minus_greedy_95ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])]}
+                         "verified_minus_greedy_95ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])]}
     families = defaultdict(list)
     for r in rows:
-        families[r["family"] or "?"].append([select(r["cands"], rule)["iou"] for rule in ("greedy", "max_conf", "oracle")])
-    out["families_greedy_maxconf_oracle"] = {f: [len(v)] + [round(float(x), 3) for x in np.mean(v, 0)]
+        families[r["family"] or "?"].append([select(r["cands"], rule)["iou"] for rule in ("greedy", "max_conf", "verified", "oracle")])
+    out["families_greedy_maxconf_verified_oracle"] = {f: [len(v)] + [round(float(x), 3) for x in np.mean(v, 0)]
                                              for f, v in sorted(families.items())}
     return out
 
@@ -73,7 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write every candidate (CoT, IoU, confidences) as JSON here")
+    p.add_argument("--from", dest="load", default=None, help="re-summarise the rows an earlier --out wrote (no model)")
     args = p.parse_args(argv)
+    if args.load:
+        with open(args.load) as f:
+            saved = json.load(f)
+        rows = saved["rows"]
+        for r in rows:  # re-score with the current verifier
+            percept = Percept.from_dict(r["percept"])
+            for c in r["cands"]:
+                c["verify"] = verify(percept, c["cot"])
+        report = {**{k: saved["report"][k] for k in ("checkpoint", "split", "temperature")}, "count": len(rows),
+                  **summarise(rows, len(rows[0]["cands"]) - 1, args.seed)}
+        print(json.dumps(report, indent=2))
+        return report
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -97,12 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
             traces += model._generate_traces([prep] * args.n, tokens.expand(args.n, -1, -1),
                                              feats.expand(args.n, *feats.shape[1:]), [text] * args.n, None, None,
                                              args.temperature, generator)
+        percept = perceive(model, traces[0])
         cands = []
         for trace in traces:
             pred = model.decode(trace)
             cands.append({"cot": trace.cot, "answer": answer_phrase(trace.cot), "iou": float(iou(pred.mask, gt)),
-                          "conf": [round(float(c), 4) for c in pred.confidences]})
-        rows.append({"name": s.name, "family": s.family, "cands": cands})
+                          "conf": [round(float(c), 4) for c in pred.confidences], "verify": verify(percept, trace.cot)})
+        rows.append({"name": s.name, "family": s.family, "cands": cands, "percept": percept.to_dict()})
     report = {"checkpoint": args.checkpoint, "split": args.split, "count": len(rows), "temperature": args.temperature,
               **summarise(rows, args.n, args.seed)}
     if args.out:
