@@ -34,6 +34,7 @@ TOKEN_COLUMNS = ["concept", "label", "activation", "edit"]
 SEARCH_COLUMNS = ["concept", "label", "source", "auto score", "match", "contribution here"]
 MEANING_MIN_COSINE = 0.35  # semantic matches below this cosine are not shown
 PATCH_SCOPE = "clicked patch"
+MAX_VERIFY_SAMPLES = 8
 NO_EDITS = "No edits yet: click a concept (or type its number and press Toggle) to switch it off."
 
 
@@ -138,6 +139,10 @@ class Explorer:
             streamed.extend(p for t in item if (p := token_piece(t, self.word_level)) is not None)
             yield (skip, f"Reasoning… {len(streamed)} tokens", "".join(streamed),
                    [(p, None) for p in streamed], *[skip] * 9)
+        yield self.session_outputs(arr, scale, trace)
+
+    def session_outputs(self, arr, scale: float, trace, note: str = "") -> tuple:
+        """A new Session for a finished trace: the 13 outputs of `run`, edits cleared."""
         pred = self.model.decode(trace)
         concepts = top_concepts(self.model, trace, limit=TOP_CONCEPTS)
         _, positions = cot_display(trace, self.word_level)
@@ -145,9 +150,33 @@ class Explorer:
                     image_file=save_png(arr))
         status = (f"Done: {len(positions)} CoT tokens, {len(concepts)} concepts shown, "
                   f"slots kept {[k + 1 for k in pred.kept_slots]}, mask {int(pred.mask.sum())} px"
-                  + ("" if trace.ref_found else " · no reference token emitted (last token stands in)"))
-        yield (s, status, trace.cot or trace.completion, self.shaded_tokens(s), self.overlay(s, pred), None,
-               NO_EDITS, self.concept_table(s), _empty(TOKEN_COLUMNS), _empty(TOKEN_COLUMNS), [], "", "")
+                  + ("" if trace.ref_found else " · no reference token emitted (last token stands in)") + note)
+        return (s, status, trace.cot or trace.completion, self.shaded_tokens(s), self.overlay(s, pred), None,
+                NO_EDITS, self.concept_table(s), _empty(TOKEN_COLUMNS), _empty(TOKEN_COLUMNS), [], "", "")
+
+    # ---- verify: sample more chains of thought, keep the best-supported ----------------------
+    def verify(self, state: Session | None, samples):
+        """Sample `samples` more CoTs for the session's image and instruction and keep the one whose claims
+        the model's own visual tokens support best (`segcompass.verify.best_of`). Returns the 13 outputs of
+        `run` (a new session, edits cleared, when another CoT is kept; else unchanged) and the candidates'
+        scores as Markdown."""
+        import torch
+
+        from segcompass.verify import best_of
+
+        s = self.require(state)
+        try:
+            n = int(samples)
+        except (TypeError, ValueError):
+            n = 0
+        if not 1 <= n <= MAX_VERIFY_SAMPLES:
+            raise gr.Error(f"Samples: a whole number from 1 to {MAX_VERIFY_SAMPLES}.")
+        kept, cands = best_of(self.model, s.image, s.trace.instruction, n, generator=torch.Generator().manual_seed(0))
+        table = verify_markdown(cands, kept.cot)
+        if kept.cot == s.trace.cot:
+            return (s, *[gr.skip()] * 12, "Kept the original chain of thought.\n\n" + table)
+        out = self.session_outputs(s.image, s.scale, kept, " · chain of thought replaced by the best-supported sample")
+        return (*out, "Kept another chain of thought: the image supports its claims better.\n\n" + table)
 
     def _stream(self, call):
         from .session import stream_tokens
@@ -306,6 +335,17 @@ class Explorer:
         return gr.DownloadButton(value=str(path), visible=True), str(path)
 
 
+def verify_markdown(cands: list[dict], kept_cot: str) -> str:
+    """The candidates of a verification as a Markdown table: score (log P that all its claims hold), CoT."""
+    rows = ["| | support | chain of thought |", "|---|---|---|"]
+    for i, c in enumerate(cands):
+        score = "no claims" if c["score"] is None else f"{c['score']:.2f}"
+        mark = "✓ kept" if c["cot"] == kept_cot else ""
+        name = "greedy" if i == 0 else f"sample {i}"
+        rows.append(f"| {name} {mark} | {score} | {c['cot'].replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 def forget(s: Session | None) -> None:
     """When gradio drops a closed tab's state: remove the run's PNG from the temp dir."""
     if isinstance(s, Session) and s.image_file:
@@ -379,6 +419,15 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
                 reason_note = gr.Markdown("", elem_id="reason-note")
             reason_cot = gr.Textbox(label="Re-reasoned chain of thought", lines=3, interactive=False,
                                     elem_id="reason-cot")
+        with gr.Row(elem_id="verify-row"):
+            with gr.Column(scale=1):
+                verify_n = gr.Slider(1, MAX_VERIFY_SAMPLES, value=6, step=1, label="Samples",
+                                     elem_id="verify-samples")
+                verify = gr.Button("Check the reasoning against the image (samples more chains of thought; "
+                                   "slow: about samples + 1 runs)", elem_id="verify-btn")
+            verify_note = gr.Markdown("Sample more chains of thought and keep the one whose named objects, places "
+                                      "and directions the model's own visual tokens support best.",
+                                      elem_id="verify-note")
         with gr.Row(elem_id="search-row"):
             with gr.Column(scale=1):
                 query = gr.Textbox(label="Search concept labels", placeholder="e.g. red", elem_id="search")
@@ -395,6 +444,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         run_outputs = [state, status, cot_text, cot_tokens, before, after, change, concepts, token_table,
                        patch_table, edits_view, reason_cot, reason_note]
         run.click(ex.run, [image, instruction, state], run_outputs, api_name="run", **model_events)
+        verify.click(ex.verify, [state, verify_n], [*run_outputs, verify_note], api_name="verify", **model_events)
         after_outputs = [state, after, change, concepts, edits_view]
         # Toggles take milliseconds: no progress overlay (its fade-in/out delayed the new mask on screen,
         # click -> mask loaded ~150 -> ~100 ms p50 in headless Chromium).

@@ -1,4 +1,4 @@
-"""Best-of-N reasoning: does sampling several chains of thought and keeping the most confident one help?
+"""Best-of-N reasoning: does sampling several chains of thought and keeping the best one by some rule help?
 
 For each example: the greedy CoT (what `encode` gives) and `--n` CoTs sampled at `--temperature`, each
 decoded into a mask. Reports the gIoU of
@@ -7,11 +7,17 @@ decoded into a mask. Reports the gIoU of
 - `max_conf`: the candidate whose most confident slot is most confident (no ground truth used);
 - `mean_conf`: the candidate with the highest mean slot confidence;
 - `vote`: the answer ("answer : ...") named most often, ties to the greedy CoT, then to the earlier sample;
-for every n' <= n (the first n' samples), with a 95 % bootstrap interval of `max_conf - greedy`, and the
-gIoU per family of greedy / max_conf / oracle at n. Costs about n + 1 generations per example (one image
-at a time, the samples batched): ~23 s per example for smol at n = 6 on 2 CPU cores.
+- `verified`: the candidate whose claims the model's own visual tokens support best (`segcompass.verify`,
+  what `segcompass.predict --verify N` and the explorer's "Check the reasoning" keep);
+for every n' <= n (the first n' samples), with a 95 % bootstrap interval of `verified - greedy`, and the
+gIoU per family of greedy / max_conf / verified / oracle at n. Costs about n + 1 generations per example
+(one image at a time, the samples batched): ~20-25 s per example for smol at n = 6 on 2 CPU cores.
+`--out` keeps every candidate and the visual tokens' percept; `--from` re-scores such a file with the
+current verifier in seconds (no model).
 
     python -m bench.best_of_n --checkpoint assets/checkpoints/smol --data data/sw30k --split val --limit 60 --n 6
+    python -m bench.best_of_n --split test --offset 120 --limit 120 --n 6 --out runs/bon.json
+    python -m bench.best_of_n --from runs/bon.json
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from bench.diagnose_cot import answer_phrase
-from bench.verify_cot import Percept, perceive, verify
+from segcompass.verify import Percept, choose, perceive, sample_traces, verify
 
 
 def select(cands: list[dict], rule: str) -> dict:
@@ -37,10 +43,8 @@ def select(cands: list[dict], rule: str) -> dict:
         return max(cands, key=lambda c: max(c["conf"]))
     if rule == "mean_conf":
         return max(cands, key=lambda c: float(np.mean(c["conf"])))
-    if rule == "verified":  # the best-supported claims (bench.verify_cot); a CoT naming no object counts as the greedy one
-        base = cands[0].get("verify")
-        base = 0.0 if base is None else base
-        return max(cands, key=lambda c: base if c.get("verify") is None else c["verify"])
+    if rule == "verified":  # the best-supported claims (segcompass.verify); a CoT naming no object counts as the greedy one
+        return cands[choose([c.get("verify") for c in cands])]
     if rule == "vote":
         votes = Counter(c["answer"] for c in cands)
         return max(cands, key=lambda c: votes[c["answer"]])  # max keeps the first of equals: greedy, then order
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", default="assets/checkpoints/smol")
     p.add_argument("--data", default="data/sw30k")
     p.add_argument("--split", default="val")
+    p.add_argument("--offset", type=int, default=0, help="skip this many examples of the split first")
     p.add_argument("--limit", type=int, default=60)
     p.add_argument("--n", type=int, default=6, help="sampled CoTs per example (besides the greedy one)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -103,18 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     model = SegCompass.from_pretrained(args.checkpoint)
-    samples = load_reasonseg(args.data, split=args.split)[: args.limit]
+    samples = load_reasonseg(args.data, split=args.split)[args.offset:args.offset + args.limit]
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for s in tqdm(samples, desc="best-of-n", unit="ex"):
-        image, gt, text = s.load_image(), s.gt_mask(), s.texts[0]
-        prep = model.prepare(image)
-        with torch.no_grad():
-            tokens, feats = model.vision(prep.pixels[None])
-            traces = model._generate_traces([prep], tokens, feats, [text], None, None, 0.0, None)
-            traces += model._generate_traces([prep] * args.n, tokens.expand(args.n, -1, -1),
-                                             feats.expand(args.n, *feats.shape[1:]), [text] * args.n, None, None,
-                                             args.temperature, generator)
+        gt = s.gt_mask()
+        traces = sample_traces(model, s.load_image(), s.texts[0], args.n, args.temperature, generator)
         percept = perceive(model, traces[0])
         cands = []
         for trace in traces:
@@ -122,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             cands.append({"cot": trace.cot, "answer": answer_phrase(trace.cot), "iou": float(iou(pred.mask, gt)),
                           "conf": [round(float(c), 4) for c in pred.confidences], "verify": verify(percept, trace.cot)})
         rows.append({"name": s.name, "family": s.family, "cands": cands, "percept": percept.to_dict()})
-    report = {"checkpoint": args.checkpoint, "split": args.split, "count": len(rows), "temperature": args.temperature,
+    report = {"checkpoint": args.checkpoint, "split": args.split, "offset": args.offset, "count": len(rows),
+              "temperature": args.temperature,
               **summarise(rows, args.n, args.seed)}
     if args.out:
         with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 """Command line: segment one image.
 
     python -m segcompass.predict --checkpoint DIR --image IMG --instruction TEXT --out mask.png [--json out.json]
+        [--verify N]   # sample N more chains of thought, keep the one the image supports best
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the binary mask PNG (0/255)")
     parser.add_argument("--json", default=None, help="also write the CoT, slots and concepts as JSON")
     parser.add_argument("--stream", action="store_true", help="print the CoT token by token to stderr")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="also sample N chains of thought and keep the one whose claims the image supports best "
+                             "(segcompass.verify; about N + 1 times the generation time)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --verify")
     args = parser.parse_args(argv)
+    if args.verify < 0:
+        parser.error("--verify must be >= 0")
+    if args.verify and args.stream:
+        parser.error("--stream shows one greedy CoT; it cannot be combined with --verify")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from PIL import Image
@@ -38,14 +47,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = SegCompass.from_pretrained(resolve_checkpoint(args.checkpoint))
         image = to_rgb_array(args.image)
-        on_token = (lambda s: print(s, end=" ", file=sys.stderr, flush=True)) if args.stream else None
-        trace = model.encode(image, args.instruction, on_token=on_token)
+        candidates = None
+        if args.verify:
+            import torch
+
+            from .verify import best_of
+
+            trace, candidates = best_of(model, image, args.instruction, args.verify,
+                                        generator=torch.Generator().manual_seed(args.seed))
+        else:
+            on_token = (lambda s: print(s, end=" ", file=sys.stderr, flush=True)) if args.stream else None
+            trace = model.encode(image, args.instruction, on_token=on_token)
         pred = model.decode(trace)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         log.error("error: %s", err)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pred.mask.astype(np.uint8) * 255).save(args.out)
+    if candidates:
+        for c in candidates:
+            log.info("candidate (%s): %s", "unscored" if c["score"] is None else f"{c['score']:.2f}", c["cot"])
     log.info("cot: %s", trace.cot)
     log.info("mask: %d pixels -> %s", int(pred.mask.sum()), args.out)
     if args.json:
@@ -59,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": list(trace.original_size),
             "concepts": [c.to_dict() for c in top_concepts(model, trace, limit=20)],
         }
+        if candidates:
+            record["verified_candidates"] = candidates
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 

@@ -350,3 +350,27 @@ def test_change_text_points_to_re_reasoning_when_an_edit_moves_nothing():
     assert "Re-reason with these edits" in change_markdown(change(0), 1)
     assert "Re-reason" not in change_markdown(change(12), 1)
     assert "Re-reason" not in change_markdown(change(0), 0)
+
+
+def test_verify_keeps_the_best_supported_cot_and_lists_every_candidate(explorer, picture, monkeypatch):
+    import segcompass.verify
+
+    with pytest.raises(gr.Error, match="Run the model"):
+        explorer.verify(None, 2)
+    _, s = run_to_end(explorer, picture)
+    for bad in (0, 99, "x"):
+        with pytest.raises(gr.Error, match="Samples"):
+            explorer.verify(s, bad)
+    out = explorer.verify(s, 2)  # the untrained checkpoint's gibberish names no object: the greedy CoT stays
+    assert len(out) == 14 and out[0] is s and "original" in out[-1]
+    assert out[-1].count("\n| sample ") == 2 and "greedy ✓ kept" in out[-1]
+
+    other = explorer.model.encode(s.image, "the blue square", temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert other.cot != s.trace.cot
+    monkeypatch.setattr(segcompass.verify, "best_of", lambda model, image, instruction, n, generator=None: (
+        other, [{"cot": s.trace.cot, "score": -5.0}, {"cot": other.cot, "score": -0.1}]))
+    s.edits = [ConceptEdit(concept=s.concepts[0].concept)]
+    out = explorer.verify(s, 1)
+    new = out[0]
+    assert new is not s and new.trace is other and new.edits == [] and out[2] == (other.cot or other.completion)
+    assert "replaced" in out[1] and "another" in out[-1] and "sample 1 ✓ kept" in out[-1]

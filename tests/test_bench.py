@@ -242,34 +242,3 @@ def test_lm_facts_runs_on_the_shipped_smol_with_and_without_adapters(capsys):
     for key in ("table_adapters_on", "table_adapters_off", "unseen_adapters_on", "unseen_adapters_off"):
         assert 0 <= out[key] <= 1
 
-
-def test_verify_cot_checks_named_objects_and_places_against_the_visual_tokens():
-    import torch
-
-    from bench.verify_cot import Percept, claims, verify
-    from training.examples import COLOURS, SHAPES, SIZES
-
-    n, side = 8, 256.0
-    def flat(k):  # every token unsure of everything
-        return torch.full((n * n, k), -float(torch.log(torch.tensor(float(k)))))
-    colour, shape, size = flat(len(COLOURS)), flat(len(SHAPES)), flat(len(SIZES))
-    for t in (0, 1, 8, 9):  # a small red circle covering the top-left 2 x 2 tokens
-        colour[t] = torch.log_softmax(torch.eye(len(COLOURS))[COLOURS.index("red")] * 20, -1)
-        shape[t] = torch.log_softmax(torch.eye(len(SHAPES))[SHAPES.index("circle")] * 20, -1)
-        size[t] = torch.log_softmax(torch.eye(len(SIZES))[SIZES.index("small")] * 20, -1)
-    step = side / n
-    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-    centres = torch.stack([(cols.flatten() + 0.5) * step, (rows.flatten() + 0.5) * step], -1)
-    p = Percept(colour, shape, size, centres, torch.tensor([side, side]))
-    assert verify(p, "anchor : small red circle at top left . answer : small red circle .") > -0.01
-    # only unsure tokens lie in the bottom right: log(1/7 * 1/6 * 1/3)
-    assert verify(p, "anchor : small red circle at bottom right . answer : small red circle .") < -4.8
-    assert verify(p, "answer : large red circle .") < -4.8  # the wrong size: no better than an unsure token
-    assert verify(p, "there is no small red circle . answer : none .") < -10
-    assert verify(p, "there is no blue star . answer : none .") > -0.1
-    assert verify(p, "answer : none .") is None  # names no object
-    assert Percept.from_dict(p.to_dict()).centres.tolist() == centres.tolist()
-    parsed = claims("yellow shapes : circle , diamond . not a diamond : the yellow circle . found it in the "
-                    "bottom right . answer : small yellow circle .")
-    assert [(c.colour, c.shape, c.size, c.region, c.present) for c in parsed] == [
-        ("yellow", "circle", None, None, True), ("yellow", "circle", "small", (2, 2), True)]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from segcompass.config import SegCompassConfig
+from segcompass.verify import COLOURS, SHAPES, SIZES  # noqa: F401  (the naming loss's words; re-exported)
 from segcompass.vision import to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,6 @@ def _prepare_pixels(image: np.ndarray, S: int) -> tuple[np.ndarray, tuple[int, i
     return out, (nh, nw)
 
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
-SHAPES = ("circle", "triangle", "square", "diamond", "hexagon", "star")
-SIZES = ("small", "medium", "large")
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # thirds holding the object's centre
 
 

@@ -1,4 +1,4 @@
-"""Check a chain of thought's object claims against what the model itself sees (ShapeWorld).
+"""Check a chain of thought's claims against what the model itself sees, and keep the best-supported of several.
 
 The naming loss of the SFT makes each visual token's layer-L state name the colour, shape and size of
 the object under it through the language model's own final norm and unembedding (a logit lens). So the
@@ -6,10 +6,12 @@ model can be asked, without new parameters, which objects its visual tokens show
 CoT names ("anchor : purple hexagon at top left", "answer : small orange star", "there is no orange
 circle") can be checked against that: a named object is supported as much as the best visual token
 (in the named region, when the CoT gives one) names its colour, shape and size; an object the CoT says
-is absent, as much as no token names it. A CoT scores its least supported claim (log-probability).
+is absent, as much as no token names it. A CoT scores the log-probability that all its claims hold.
 
-`bench.best_of_n` uses this as a selection rule (`verified`): among the greedy CoT and the samples,
-keep the best-supported one.
+`best_of` samples CoTs besides the greedy one and keeps the best-supported (`python -m segcompass.predict
+--verify N`; `bench.best_of_n` measures the rule, `verified`). The claims are read in ShapeWorld's CoT
+grammar ("[size] [colour] shape [at row column]", "there is no …", "anchor : A … above it : B"): a model
+without the naming loss, or whose CoTs name objects otherwise, gets no scores (None) and keeps its greedy CoT.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.examples import COLOURS, SHAPES, SIZES
-from segcompass.records import TokenRole
+from .records import TokenRole
+
+# The attribute words the naming loss teaches the visual tokens (training.sft.naming_loss), in label order.
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
+SHAPES = ("circle", "triangle", "square", "diamond", "hexagon", "star")
+SIZES = ("small", "medium", "large")
 
 _ROW = {"top": 0, "middle": 1, "bottom": 2}
 _COL = {"left": 0, "centre": 1, "right": 2}
@@ -92,6 +98,7 @@ def _thirds(p: Percept, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 FLOOR = -30.0  # log-probability of a claim no token supports (none in the named region)
+_FOUND = re.compile(r"(?:found it|looking for [^.]*?) in the (top|middle|bottom) (left|centre|right)\b")
 _ATTR = set(COLOURS) | set(SIZES)
 _SHAPE_SET = set(SHAPES)
 
@@ -100,12 +107,12 @@ def claims(cot: str) -> list[Claim]:
     """The objects a CoT names with at least a colour or a size ("small orange star", "purple hexagon at top
     left"; bare shape words are skipped: "yellow shapes : circle , diamond" lists kinds, and "a square on its
     corner" is knowledge, not a scene claim). "there is no X" claims X absent; "not a X" claims nothing.
-    The region of "found it in the R C" goes to the answer's object."""
+    The region of "found it in the R C" or "looking for … in the R C" goes to every object named after it
+    ("only the small white diamond is there", the answer)."""
     words = cot.replace(".", " . ").replace(",", " , ").split()
-    found = re.search(r"found it in the (top|middle|bottom) (left|centre|right)", cot)
+    found = _FOUND.search(" ".join(words))
     found_region = (_ROW[found.group(1)], _COL[found.group(2)]) if found else None
-    answer_at = cot.rfind("answer :")
-    answer_word = len(cot[:answer_at].split()) if answer_at >= 0 else len(words)
+    found_word = len(" ".join(words)[:found.end()].split()) if found else len(words)
     out: list[Claim] = []
     for i, w in enumerate(words):
         if w not in _SHAPE_SET:
@@ -124,7 +131,7 @@ def claims(cot: str) -> list[Claim]:
         region = None
         if words[i + 1:i + 2] == ["at"] and len(words) > i + 3 and words[i + 2] in _ROW and words[i + 3] in _COL:
             region = (_ROW[words[i + 2]], _COL[words[i + 3]])
-        elif found_region is not None and i >= answer_word:
+        elif found_region is not None and i >= found_word:
             region = found_region
         colour = next((a for a in attrs if a in COLOURS), None)
         size = next((a for a in attrs if a in SIZES), None)
@@ -181,10 +188,49 @@ def relation_support(p: Percept, cot: str) -> float | None:
 
 
 def verify(p: Percept, cot: str) -> float | None:
-    """The least supported claim's log-probability (objects, their regions, a directional relation); None when
-    the CoT names no object."""
+    """log P(every claim holds), the claims (objects, their regions, a directional relation) taken as independent:
+    the sum of their log-probabilities; None when the CoT names no object."""
     scores = [support(p, c) for c in claims(cot)]
     relation = relation_support(p, cot)
     if relation is not None:
         scores.append(relation)
-    return min(scores) if scores else None
+    return sum(scores) if scores else None
+
+
+@torch.no_grad()
+def sample_traces(model, image, instruction: str, samples: int, temperature: float = 0.7,
+                  generator: torch.Generator | None = None) -> list:
+    """The greedy Trace (what `encode` gives) and `samples` sampled ones for one image, the samples batched."""
+    from .model import check_instruction
+
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    instruction = check_instruction(instruction)
+    prep = model.prepare(image)
+    tokens, feats = model.vision(prep.pixels[None].to(model._device()))
+    traces = model._generate_traces([prep], tokens, feats, [instruction], None, None, 0.0, None)
+    if samples:
+        traces += model._generate_traces([prep] * samples, tokens.expand(samples, -1, -1),
+                                         feats.expand(samples, *feats.shape[1:]), [instruction] * samples, None, None,
+                                         temperature, generator)
+    return traces
+
+
+def choose(scores: list[float | None]) -> int:
+    """Index of the best score; an unscored candidate (None) counts as the first one, ties keep the earlier."""
+    base = 0.0 if scores[0] is None else scores[0]
+    return max(range(len(scores)), key=lambda i: base if scores[i] is None else scores[i])
+
+
+def best_of(model, image, instruction: str, samples: int, temperature: float = 0.7,
+            generator: torch.Generator | None = None) -> tuple:
+    """The greedy CoT and `samples` sampled ones, each scored by `verify`; returns (the kept Trace, every
+    candidate as {"cot", "score"} with the greedy one first). The kept one has the highest score (`choose`), so
+    with no scores nothing changes. Costs about samples + 1 generations."""
+    traces = sample_traces(model, image, instruction, samples, temperature, generator)
+    try:
+        percept = perceive(model, traces[0])
+        scores = [verify(percept, t.cot) for t in traces]
+    except ValueError:  # the tokenizer cannot name the attribute words: nothing to check
+        scores = [None] * len(traces)
+    return traces[choose(scores)], [{"cot": t.cot, "score": sc} for t, sc in zip(traces, scores)]

@@ -1,0 +1,117 @@
+"""segcompass.verify: a chain of thought's claims checked against the model's own visual tokens."""
+
+import json
+
+import numpy as np
+import pytest
+
+TINY = "assets/checkpoints/tiny"
+
+
+def test_verify_checks_named_objects_and_places_against_the_visual_tokens():
+    import torch
+
+    from segcompass.verify import COLOURS, SHAPES, SIZES, Percept, claims, verify
+
+    n, side = 8, 256.0
+    def flat(k):  # every token unsure of everything
+        return torch.full((n * n, k), -float(torch.log(torch.tensor(float(k)))))
+    colour, shape, size = flat(len(COLOURS)), flat(len(SHAPES)), flat(len(SIZES))
+    for t in (0, 1, 8, 9):  # a small red circle covering the top-left 2 x 2 tokens
+        colour[t] = torch.log_softmax(torch.eye(len(COLOURS))[COLOURS.index("red")] * 20, -1)
+        shape[t] = torch.log_softmax(torch.eye(len(SHAPES))[SHAPES.index("circle")] * 20, -1)
+        size[t] = torch.log_softmax(torch.eye(len(SIZES))[SIZES.index("small")] * 20, -1)
+    step = side / n
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    centres = torch.stack([(cols.flatten() + 0.5) * step, (rows.flatten() + 0.5) * step], -1)
+    p = Percept(colour, shape, size, centres, torch.tensor([side, side]))
+    assert verify(p, "anchor : small red circle at top left . answer : small red circle .") > -0.01
+    # only unsure tokens lie in the bottom right: log(1/7 * 1/6 * 1/3)
+    assert verify(p, "anchor : small red circle at bottom right . answer : small red circle .") < -4.8
+    assert verify(p, "answer : large red circle .") < -4.8  # the wrong size: no better than an unsure token
+    assert verify(p, "there is no small red circle . answer : none .") < -10
+    assert verify(p, "there is no blue star . answer : none .") > -0.1
+    assert verify(p, "answer : none .") is None  # names no object
+    assert Percept.from_dict(p.to_dict()).centres.tolist() == centres.tolist()
+    parsed = claims("yellow shapes : circle , diamond . not a diamond : the yellow circle . found it in the "
+                    "bottom right . answer : small yellow circle .")
+    assert [(c.colour, c.shape, c.size, c.region, c.present) for c in parsed] == [
+        ("yellow", "circle", None, None, True), ("yellow", "circle", "small", (2, 2), True)]
+
+
+def test_verify_checks_a_directional_relation():
+    import torch
+
+    from segcompass.verify import COLOURS, SHAPES, SIZES, Percept, relation_support
+
+    n, side = 8, 256.0
+    colour = torch.full((n * n, len(COLOURS)), -30.0)
+    shape = torch.full((n * n, len(SHAPES)), -30.0)
+    size = torch.zeros(n * n, len(SIZES)) - float(np.log(3))
+    for t, (c, s) in {0: ("red", "circle"), 63: ("blue", "star")}.items():  # red circle top left, blue star bottom right
+        colour[t, COLOURS.index(c)], shape[t, SHAPES.index(s)] = 0.0, 0.0
+    step = side / n
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    centres = torch.stack([(cols.flatten() + 0.5) * step, (rows.flatten() + 0.5) * step], -1)
+    p = Percept(colour, shape, size, centres, torch.tensor([side, side]))
+    right = "anchor : red circle at top left . below it : blue star . answer : blue star ."
+    wrong = "anchor : red circle at top left . above it : blue star . answer : blue star ."
+    assert relation_support(p, right) > -0.01 and relation_support(p, wrong) < -20
+    assert relation_support(p, "anchor : red circle at top left . closest to it : blue star .") is None
+
+
+def test_best_of_keeps_a_scored_candidate_and_predict_reports_them(tmp_path):
+    import torch
+    from PIL import Image
+
+    from segcompass.model import SegCompass
+    from segcompass.predict import main
+    from segcompass.verify import best_of
+
+    model = SegCompass.from_pretrained(TINY)
+    image = np.asarray(Image.open("assets/examples/shapeworld_01.jpg").convert("RGB"))
+    kept, cands = best_of(model, image, "segment the red shape", 2, generator=torch.Generator().manual_seed(0))
+    assert len(cands) == 3 and cands[0]["cot"] == model.encode(image, "segment the red shape").cot
+    scored = [c["score"] for c in cands if c["score"] is not None]
+    assert scored, "the tiny checkpoint was trained with the naming loss: its CoTs name objects it can check"
+    best = max(scored)
+    assert kept.cot in [c["cot"] for c in cands if c["score"] == best]
+    with pytest.raises(ValueError):
+        best_of(model, image, "segment the red shape", -1)
+    out = tmp_path / "m.png"
+    assert main(["--checkpoint", TINY, "--image", "assets/examples/shapeworld_01.jpg", "--instruction",
+                 "segment the red shape", "--out", str(out), "--json", str(tmp_path / "r.json"), "--verify", "2"]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert len(record["verified_candidates"]) == 3 and record["cot"] in [c["cot"] for c in record["verified_candidates"]]
+
+
+def test_choose_prefers_the_best_score_and_keeps_greedy_on_ties_or_no_claims():
+    from segcompass.verify import choose
+
+    assert choose([-3.0, -0.5, -0.5]) == 1
+    assert choose([-0.5, -0.5]) == 0
+    assert choose([None, -1.0, None]) == 0  # unscored counts as greedy (0.0 here); -1 is worse
+    assert choose([-2.0, None, -1.0]) == 2  # unscored counts as greedy's -2.0
+
+
+def test_best_of_n_rescores_saved_candidates_without_a_model(tmp_path, capsys):
+    import torch
+
+    from bench.best_of_n import main
+    from segcompass.verify import COLOURS, SHAPES, SIZES, Percept
+
+    n = 8
+    colour = torch.full((n * n, len(COLOURS)), -30.0)
+    shape = torch.full((n * n, len(SHAPES)), -30.0)
+    size = torch.full((n * n, len(SIZES)), -30.0)
+    colour[0, COLOURS.index("red")] = shape[0, SHAPES.index("circle")] = size[0, SIZES.index("small")] = 0.0
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    centres = torch.stack([(cols.flatten() + 0.5) * 32, (rows.flatten() + 0.5) * 32], -1)
+    percept = Percept(colour, shape, size, centres, torch.tensor([256.0, 256.0])).to_dict()
+    cands = [{"cot": "answer : large blue star .", "answer": "large blue star .", "iou": 0.0, "conf": [0.9]},
+             {"cot": "answer : small red circle .", "answer": "small red circle .", "iou": 0.8, "conf": [0.2]}]
+    saved = {"report": {"checkpoint": "x", "split": "val", "temperature": 0.7},
+             "rows": [{"name": "a", "family": "attribute", "cands": cands, "percept": percept}]}
+    (tmp_path / "bon.json").write_text(json.dumps(saved))
+    report = main(["--from", str(tmp_path / "bon.json")])
+    assert report["n=1"]["greedy"] == 0.0 and report["n=1"]["verified"] == 0.8 and report["n=1"]["max_conf"] == 0.0
