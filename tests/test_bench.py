@@ -242,3 +242,11 @@ def test_lm_facts_runs_on_the_shipped_smol_with_and_without_adapters(capsys):
     for key in ("table_adapters_on", "table_adapters_off", "unseen_adapters_on", "unseen_adapters_off"):
         assert 0 <= out[key] <= 1
 
+
+
+def test_lens_naming_reads_the_tiny_checkpoints_visual_tokens(data, capsys):
+    from bench.lens_naming import main
+
+    report = main(["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3", "--threads", "1"])
+    assert report["labelled_tokens"] > 0 and report["background_tokens"] > 0
+    assert all(0.0 <= a <= 1.0 for a in report["accuracy_colour_shape_size"])

@@ -115,3 +115,4 @@ def test_best_of_n_rescores_saved_candidates_without_a_model(tmp_path, capsys):
     (tmp_path / "bon.json").write_text(json.dumps(saved))
     report = main(["--from", str(tmp_path / "bon.json")])
     assert report["n=1"]["greedy"] == 0.0 and report["n=1"]["verified"] == 0.8 and report["n=1"]["max_conf"] == 0.0
+
