@@ -172,7 +172,7 @@ class Explorer:
         if not 1 <= n <= MAX_VERIFY_SAMPLES:
             raise gr.Error(f"Samples: a whole number from 1 to {MAX_VERIFY_SAMPLES}.")
         kept, cands = best_of(self.model, s.image, s.trace.instruction, n, generator=torch.Generator().manual_seed(0))
-        table = verify_markdown(cands, kept.cot)
+        table = verify_markdown(cands)
         if kept.cot == s.trace.cot:
             return (s, *[gr.skip()] * 12, "Kept the original chain of thought.\n\n" + table)
         out = self.session_outputs(s.image, s.scale, kept, " · chain of thought replaced by the best-supported sample")
@@ -335,12 +335,12 @@ class Explorer:
         return gr.DownloadButton(value=str(path), visible=True), str(path)
 
 
-def verify_markdown(cands: list[dict], kept_cot: str) -> str:
+def verify_markdown(cands: list[dict]) -> str:
     """The candidates of a verification as a Markdown table: score (log P that all its claims hold), CoT."""
     rows = ["| | support | chain of thought |", "|---|---|---|"]
     for i, c in enumerate(cands):
         score = "no claims" if c["score"] is None else f"{c['score']:.2f}"
-        mark = "✓ kept" if c["cot"] == kept_cot else ""
+        mark = "✓ kept" if c.get("kept") else ""
         name = "greedy" if i == 0 else f"sample {i}"
         rows.append(f"| {name} {mark} | {score} | {c['cot'].replace('|', '/')} |")
     return "\n".join(rows)

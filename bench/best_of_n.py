@@ -43,7 +43,7 @@ def select(cands: list[dict], rule: str) -> dict:
         return max(cands, key=lambda c: max(c["conf"]))
     if rule == "mean_conf":
         return max(cands, key=lambda c: float(np.mean(c["conf"])))
-    if rule == "verified":  # the best-supported claims (segcompass.verify); a CoT naming no object counts as the greedy one
+    if rule == "verified":  # the best-supported claims (segcompass.verify); naming no object counts as greedy
         return cands[choose([c.get("verify") for c in cands])]
     if rule == "vote":
         votes = Counter(c["answer"] for c in cands)
@@ -65,7 +65,8 @@ def summarise(rows: list[dict], n: int, seed: int = 0) -> dict:
                          "verified_minus_greedy_95ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])]}
     families = defaultdict(list)
     for r in rows:
-        families[r["family"] or "?"].append([select(r["cands"], rule)["iou"] for rule in ("greedy", "max_conf", "verified", "oracle")])
+        families[r["family"] or "?"].append([select(r["cands"], rule)["iou"]
+                                             for rule in ("greedy", "max_conf", "verified", "oracle")])
     out["families_greedy_maxconf_verified_oracle"] = {f: [len(v)] + [round(float(x), 3) for x in np.mean(v, 0)]
                                              for f, v in sorted(families.items())}
     return out

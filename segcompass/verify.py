@@ -225,7 +225,7 @@ def choose(scores: list[float | None]) -> int:
 def best_of(model, image, instruction: str, samples: int, temperature: float = 0.7,
             generator: torch.Generator | None = None) -> tuple:
     """The greedy CoT and `samples` sampled ones, each scored by `verify`; returns (the kept Trace, every
-    candidate as {"cot", "score"} with the greedy one first). The kept one has the highest score (`choose`), so
+    candidate as {"cot", "score", "kept"} with the greedy one first). The kept one has the highest score (`choose`), so
     with no scores nothing changes. Costs about samples + 1 generations."""
     traces = sample_traces(model, image, instruction, samples, temperature, generator)
     try:
@@ -233,4 +233,6 @@ def best_of(model, image, instruction: str, samples: int, temperature: float = 0
         scores = [verify(percept, t.cot) for t in traces]
     except ValueError:  # the tokenizer cannot name the attribute words: nothing to check
         scores = [None] * len(traces)
-    return traces[choose(scores)], [{"cot": t.cot, "score": sc} for t, sc in zip(traces, scores)]
+    keep = choose(scores)
+    cands = [{"cot": t.cot, "score": sc, "kept": i == keep} for i, (t, sc) in enumerate(zip(traces, scores))]
+    return traces[keep], cands

@@ -363,12 +363,14 @@ def test_verify_keeps_the_best_supported_cot_and_lists_every_candidate(explorer,
             explorer.verify(s, bad)
     out = explorer.verify(s, 2)  # the untrained checkpoint's gibberish names no object: the greedy CoT stays
     assert len(out) == 14 and out[0] is s and "original" in out[-1]
-    assert out[-1].count("\n| sample ") == 2 and "greedy ✓ kept" in out[-1]
+    assert out[-1].count("\n| sample ") == 2 and "greedy ✓ kept" in out[-1] and out[-1].count("✓") == 1
 
-    other = explorer.model.encode(s.image, "the blue square", temperature=1.0, generator=torch.Generator().manual_seed(1))
+    other = explorer.model.encode(s.image, "the blue square", temperature=1.0,
+                                  generator=torch.Generator().manual_seed(1))
     assert other.cot != s.trace.cot
     monkeypatch.setattr(segcompass.verify, "best_of", lambda model, image, instruction, n, generator=None: (
-        other, [{"cot": s.trace.cot, "score": -5.0}, {"cot": other.cot, "score": -0.1}]))
+        other, [{"cot": s.trace.cot, "score": -5.0, "kept": False},
+                {"cot": other.cot, "score": -0.1, "kept": True}]))
     s.edits = [ConceptEdit(concept=s.concepts[0].concept)]
     out = explorer.verify(s, 1)
     new = out[0]

@@ -48,7 +48,8 @@ def test_verify_checks_a_directional_relation():
     colour = torch.full((n * n, len(COLOURS)), -30.0)
     shape = torch.full((n * n, len(SHAPES)), -30.0)
     size = torch.zeros(n * n, len(SIZES)) - float(np.log(3))
-    for t, (c, s) in {0: ("red", "circle"), 63: ("blue", "star")}.items():  # red circle top left, blue star bottom right
+    # a red circle top left, a blue star bottom right
+    for t, (c, s) in {0: ("red", "circle"), 63: ("blue", "star")}.items():
         colour[t, COLOURS.index(c)], shape[t, SHAPES.index(s)] = 0.0, 0.0
     step = side / n
     rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -75,6 +76,8 @@ def test_best_of_keeps_a_scored_candidate_and_predict_reports_them(tmp_path):
     scored = [c["score"] for c in cands if c["score"] is not None]
     assert scored, "the tiny checkpoint was trained with the naming loss: its CoTs name objects it can check"
     best = max(scored)
+    assert [c["kept"] for c in cands].count(True) == 1
+    assert next(c for c in cands if c["kept"])["cot"] == kept.cot
     assert kept.cot in [c["cot"] for c in cands if c["score"] == best]
     with pytest.raises(ValueError):
         best_of(model, image, "segment the red shape", -1)
@@ -82,7 +85,8 @@ def test_best_of_keeps_a_scored_candidate_and_predict_reports_them(tmp_path):
     assert main(["--checkpoint", TINY, "--image", "assets/examples/shapeworld_01.jpg", "--instruction",
                  "segment the red shape", "--out", str(out), "--json", str(tmp_path / "r.json"), "--verify", "2"]) == 0
     record = json.loads((tmp_path / "r.json").read_text())
-    assert len(record["verified_candidates"]) == 3 and record["cot"] in [c["cot"] for c in record["verified_candidates"]]
+    cands = record["verified_candidates"]
+    assert len(cands) == 3 and record["cot"] == next(c for c in cands if c["kept"])["cot"]
 
 
 def test_choose_prefers_the_best_score_and_keeps_greedy_on_ties_or_no_claims():
