@@ -10,8 +10,9 @@ is absent, as much as no token names it. A CoT scores the log-probability that a
 
 `best_of` samples CoTs besides the greedy one and keeps the best-supported (`python -m segcompass.predict
 --verify N`; `bench.best_of_n` measures the rule, `verified`). The claims are read in ShapeWorld's CoT
-grammar ("[size] [colour] shape [at row column]", "there is no …", "anchor : A … above it : B"): a model
-without the naming loss, or whose CoTs name objects otherwise, gets no scores (None) and keeps its greedy CoT.
+grammar ("[size] [colour] shape [at row column]", "there is no …", "anchor : A … above it : B"): a CoT that
+names no object this way is unscored (None) and the greedy CoT is kept; on a model trained without the naming
+loss the lens readings, and so the scores, mean little.
 """
 
 from __future__ import annotations
