@@ -29,9 +29,18 @@ from .records import TokenRole
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
 SHAPES = ("circle", "triangle", "square", "diamond", "hexagon", "star")
 SIZES = ("small", "medium", "large")
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # thirds holding the object's centre
 
-_ROW = {"top": 0, "middle": 1, "bottom": 2}
-_COL = {"left": 0, "centre": 1, "right": 2}
+_ROW = {w: i for i, w in enumerate(ROWS)}
+_COL = {w: i for i, w in enumerate(COLUMNS)}
+
+
+def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
+    """Token ids of the colour, shape and size words (and, with `regions`, the row and column words);
+    the first token of each word (None if a word is unknown or two words of a group share it)."""
+    groups = (COLOURS, SHAPES, SIZES) + ((ROWS, COLUMNS) if regions else ())
+    vocab = [lang.first_token_ids(words) for words in groups]
+    return None if any(v is None for v in vocab) else vocab
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,10 @@ def perceive(model, trace) -> Percept:
     lang = model.language
     visual = trace.roles == int(TokenRole.VISUAL)
     states = (model.sae.decode(trace.dense_codes()) + trace.sae_error)[visual].float()
-    groups = []
-    for words in (COLOURS, SHAPES, SIZES):
-        ids = lang.first_token_ids(words)
-        if ids is None:
-            raise ValueError(f"the tokenizer cannot name {words}")
-        groups.append(torch.log_softmax(lang.word_logits(states[None], ids)[0].float(), -1))
+    vocab = naming_vocab(lang)
+    if vocab is None:
+        raise ValueError("the tokenizer cannot name the colour, shape and size words")
+    groups = [torch.log_softmax(lang.word_logits(states[None], ids)[0].float(), -1) for ids in vocab]
     boxes = trace.patch_boxes.float()
     centres = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1)
     return Percept(*groups, centres=centres, image_hw=torch.tensor(trace.original_size, dtype=torch.float32))
@@ -111,9 +118,10 @@ def claims(cot: str) -> list[Claim]:
     The region of "found it in the R C" or "looking for … in the R C" goes to every object named after it
     ("only the small white diamond is there", the answer)."""
     words = cot.replace(".", " . ").replace(",", " , ").split()
-    found = _FOUND.search(" ".join(words))
+    text = " ".join(words)
+    found = _FOUND.search(text)
     found_region = (_ROW[found.group(1)], _COL[found.group(2)]) if found else None
-    found_word = len(" ".join(words)[:found.end()].split()) if found else len(words)
+    found_word = len(text[:found.end()].split()) if found else len(words)
     out: list[Claim] = []
     for i, w in enumerate(words):
         if w not in _SHAPE_SET:
@@ -130,7 +138,7 @@ def claims(cot: str) -> list[Claim]:
             continue
         present = not (before[-1:] == ["no"])
         region = None
-        if words[i + 1:i + 2] == ["at"] and len(words) > i + 3 and words[i + 2] in _ROW and words[i + 3] in _COL:
+        if located and len(words) > i + 3 and words[i + 2] in _ROW and words[i + 3] in _COL:
             region = (_ROW[words[i + 2]], _COL[words[i + 3]])
         elif found_region is not None and i >= found_word:
             region = found_region
@@ -226,8 +234,8 @@ def choose(scores: list[float | None]) -> int:
 def best_of(model, image, instruction: str, samples: int, temperature: float = 0.7,
             generator: torch.Generator | None = None) -> tuple:
     """The greedy CoT and `samples` sampled ones, each scored by `verify`; returns (the kept Trace, every
-    candidate as {"cot", "score", "kept"} with the greedy one first). The kept one has the highest score (`choose`), so
-    with no scores nothing changes. Costs about samples + 1 generations."""
+    candidate as {"cot", "score", "kept"} with the greedy one first). The kept one has the highest score
+    (`choose`), so with no scores nothing changes. Costs about samples + 1 generations."""
     traces = sample_traces(model, image, instruction, samples, temperature, generator)
     try:
         percept = perceive(model, traces[0])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from segcompass.config import SegCompassConfig
-from segcompass.verify import COLOURS, SHAPES, SIZES  # noqa: F401  (the naming loss's words; re-exported)
+from segcompass.verify import COLOURS, COLUMNS, ROWS, SHAPES, SIZES  # noqa: F401  (the naming loss's words)
 from segcompass.vision import to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,6 @@ def _prepare_pixels(image: np.ndarray, S: int) -> tuple[np.ndarray, tuple[int, i
     out = np.zeros((3, S, S), np.uint8)
     out[:, :nh, :nw] = np.asarray(resized).transpose(2, 0, 1)
     return out, (nh, nw)
-
-
-ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # thirds holding the object's centre
 
 
 def token_labels(sample, valid_hw: tuple[int, int], S: int, grid: int) -> torch.Tensor | None:

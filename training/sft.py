@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from segcompass.verify import naming_vocab
+
 from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, corpus, load_examples, packed_reference
@@ -69,16 +71,6 @@ def perception_loss(aux_head, tokens_BND: torch.Tensor, batch: Batch) -> torch.T
     losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1), ignore_index=-100)
               for i, lg in enumerate(splits) if bool((labels[..., i] >= 0).any())]
     return torch.stack(losses).mean() if losses else None
-
-
-def naming_vocab(lang, regions: bool = False) -> list[list[int]] | None:
-    """Token ids of the colour, shape and size words (and, with `regions`, the row and column words);
-    the first token of each word (None if a word is unknown or two words of a group share it)."""
-    from .examples import COLOURS, COLUMNS, ROWS, SHAPES, SIZES
-
-    groups = (COLOURS, SHAPES, SIZES) + ((ROWS, COLUMNS) if regions else ())
-    vocab = [lang.first_token_ids(words) for words in groups]
-    return None if any(v is None for v in vocab) else vocab
 
 
 def naming_loss(model, hook_BTD: torch.Tensor, ids_BT: torch.Tensor, batch: Batch, vocab: list[list[int]]
