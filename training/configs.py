@@ -179,9 +179,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                     warmup_steps=50, save_every=250, conf_weight=1.0, aux_weight=1.0, naming_weight=1.0,
                     mixed_precision="bf16"),
         "sae": dict(limit=2000, compare=False, minutes=0.5, normalize="dim"),
+        # ref_dropout and conf_target as the smol preset's (the shipped smol's heads were trained with them;
+        # calibrate's threshold reads the IoU-target confidence)
         "joint": dict(steps=20000, minutes=2.0, batch_size=32, prompts=8, group_size=4, grpo_every=4, lr=1e-4,
-                      save_every=250, mixed_precision="bf16"),
-        "refit": dict(limit=4000, minutes=3.0, batch_size=32, ref_dropout=0.5, mixed_precision="bf16"),
+                      ref_dropout=0.5, save_every=250, mixed_precision="bf16", conf_target="iou"),
+        "refit": dict(limit=4000, minutes=3.0, batch_size=32, ref_dropout=0.5, conf_target="iou",
+                      mixed_precision="bf16"),
     },
     "smoke": {  # seconds: tests and quick checks
         "sft": dict(steps=3, batch_size=4, minutes=5.0, save_every=2, warmup_steps=1),

@@ -16,10 +16,17 @@ for _ in $(seq 150); do [ -f /tmp/sw/DONE ] && break; sleep 2; done
 [ -f /tmp/sw/DONE ] || { echo "no data in /tmp/sw (stash.sh with GEN=1 starts it)"; exit 5; }
 echo "ready after $(( $(date +%s) - T0 )) s"
 # WALL: a hard stop so the weights still come back within the call's limit (the last save_every checkpoint)
-timeout "${WALL:-555}" python3 -m training sft --preset smol-gpu --threads 0 --head segcompass --run "$RUN" \
-  --data /tmp/sw --init /tmp/unpacked/init --set minutes="${MIN:-7.8}" --set lr="${LR:-1e-3}" --set save_every=100 \
-  "$@" > "$RET/sft.log" 2>&1
-echo "sft exit $? after $(( $(date +%s) - T0 )) s"
+sft() { timeout "$(( ${WALL:-555} - ($(date +%s) - T0) ))" python3 -m training sft --preset smol-gpu --threads 0 \
+  --head segcompass --run "$RUN" --data /tmp/sw --init /tmp/unpacked/init --set minutes="${MIN:-7.8}" \
+  --set lr="${LR:-1e-3}" --set save_every=100 "$@"; }
+sft "$@" > "$RET/sft.log" 2>&1; rc=$?
+echo "sft exit $rc after $(( $(date +%s) - T0 )) s"
+# the background batch prefetch (on by default on a GPU) had not run on one before session 24: if the SFT broke
+# before its first checkpoint, once more without it
+if [ $rc != 0 ] && [ $rc != 124 ] && [ ! -d "$RUN/model" ]; then
+  tail -3 "$RET/sft.log"; mv "$RET/sft.log" "$RET/sft_first.log"; rm -rf "$RUN"
+  sft "$@" --set prefetch=off > "$RET/sft.log" 2>&1; echo "sft (prefetch off) exit $? after $(( $(date +%s) - T0 )) s"
+fi
 # fp16 through the model's own save_pretrained (the cast the shipped checkpoints get); sft_config.json rides along
 rm -rf /tmp/ret && python3 -c "import sys, torch; from segcompass.model import SegCompass
 SegCompass.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" "$RUN/model" /tmp/ret || exit 6
