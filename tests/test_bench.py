@@ -250,3 +250,14 @@ def test_lens_naming_reads_the_tiny_checkpoints_visual_tokens(data, capsys):
     report = main(["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3", "--threads", "1"])
     assert report["labelled_tokens"] > 0 and report["background_tokens"] > 0
     assert all(0.0 <= a <= 1.0 for a in report["accuracy_colour_shape_size"])
+
+
+def test_sae_fit_scores_a_checkpoints_sae_on_its_own_states(data):
+    from bench.sae_fit import main
+
+    rows = main(["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3", "--threads", "1"])
+    (row,) = rows
+    assert row["tokens"] > 0 and 0 < row["l0"] <= row["tokens"]
+    # the shipped tiny SAE was fitted on this LM's states: it explains most of them
+    assert 0.5 < row["ev_standardised"] <= 1.0 and 0.5 < row["ev_raw"] <= 1.0
+    assert 0.0 <= row["dead_fraction"] < 1.0
