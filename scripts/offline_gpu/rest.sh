@@ -33,7 +33,7 @@ ship() {  # ship DIR: DIR's model as the returned pieces (replacing earlier ones
 # generate SPLIT of N scenes of SEED into OUT, unless stash.sh (GEN=1) already did (its DONE_<split> marker)
 gen() { [ -f "$1/DONE_$2" ] || { python3 -m training.data.shapeworld --out "$1" --split "$2" --n "$3" --seed "$4" \
   --jobs "$JOBS" > /dev/null 2>&1 && touch "$1/DONE_$2"; }; }
-gen "$EV" val "${N_VAL:-300}" 0 & gen "$EV" test "${N_TEST:-500}" 0 & gen "$FRESH" train "${N_FRESH:-1500}" "${FRESH_SEED:-6}" &
+gen "$EV" val "${N_VAL:-300}" 0 & gen "$EV" test "${N_TEST:-500}" 0 & gen "$FRESH" train "${N_FRESH:-1500}" "${FRESH_SEED:-10}" &
 wait
 echo "data after $(( $(date +%s) - T0 )) s"
 prev="$RUN/sft/model"
