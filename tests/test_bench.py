@@ -261,3 +261,22 @@ def test_sae_fit_scores_a_checkpoints_sae_on_its_own_states(data):
     # the shipped tiny SAE was fitted on this LM's states: it explains most of them
     assert 0.5 < row["ev_standardised"] <= 1.0 and 0.5 < row["ev_raw"] <= 1.0
     assert 0.0 <= row["dead_fraction"] < 1.0
+
+
+def test_knowledge_compare_pairs_two_reports_example_by_example():
+    from bench.knowledge_compare import compare
+
+    def report(ious, cots):
+        return {"checkpoint": "x", "rows": [
+            {"name": f"e{i}", "reference": "blue hexagon", "unseen": {"iou": iou, "cot": cot}}
+            for i, (iou, cot) in enumerate(zip(ious, cots))]}
+
+    a = report([0.0, 0.2, 0.4], ["so the red star .", "so the blue star .", "so the blue hexagon ."])
+    b = report([0.5, 0.2, 0.9], ["so the blue hexagon .", "so the blue star .", "so the blue hexagon ."])
+    out = compare(a, b, resamples=200)
+    assert out["paired_gain_b_minus_a"] == pytest.approx(1.0 / 3, abs=1e-3)
+    assert out["a"]["colour_recovered"] == pytest.approx(2 / 3, abs=1e-3) and out["a"]["shape_recovered"] == pytest.approx(1 / 3, abs=1e-3)
+    assert out["b"]["colour_recovered"] == 1.0 and out["b"]["shape_recovered"] == pytest.approx(2 / 3, abs=1e-3)
+    assert out["ci95"][0] <= out["paired_gain_b_minus_a"] <= out["ci95"][1]
+    with pytest.raises(ValueError):
+        compare(a, report([0.1], ["so the blue hexagon ."]))
