@@ -130,6 +130,27 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(data, sft_run, tmp
     assert "mixed_precision bf16 -> no" in (tmp_path / "sft" / "sft.log").read_text()
 
 
+def test_sft_without_the_example_cache_writes_no_cache_file(data, sft_run, tmp_path, monkeypatch):
+    """cache_examples=false (what scripts/offline_gpu/sft.sh sets): the examples are prepared in RAM, the stage trains,
+    and nothing lands in the example cache; the default writes the cache file."""
+    import shutil
+
+    from training import examples as ex
+    from training.configs import stage_config
+    from training.sft import run_sft
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(ex, "CACHE_DIR", cache)
+    run, _, _ = sft_run
+    shutil.copytree(run, tmp_path / "sft")
+    run_sft(stage_config("sft", "smoke", dict(data=str(data), steps=4, cache_examples=False)), tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "sft_config.json").read_text())["cache_examples"] is False
+    assert "sft done: 4 steps" in (tmp_path / "sft" / "sft.log").read_text()
+    assert not cache.exists()
+    ex.load_examples(str(data), "train", sft_run[2].config)
+    assert len(list(cache.glob("*.pt"))) == 1
+
+
 def test_sft_init_trains_a_checkpoint_further_and_checks_the_head(data, sft_run, tmp_path):
     """`sft --init CKPT`: the checkpoint's weights and tokenizer, a fresh schedule; a head mismatch is refused."""
     from training.__main__ import main

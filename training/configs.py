@@ -23,6 +23,9 @@ class SFTConfig:
     data: str = "data/shapeworld"
     split: str = "train"
     limit: int | None = None  # use only the first N examples
+    # False: prepare the examples in RAM without the cache file. A one-shot run with RAM to spare (a GPU lease)
+    # skips writing and memory-mapping ~0.24 MB per smol scene (~50 of the 69 s of loading 24,000 in session 24)
+    cache_examples: bool = True
     steps: int = 3000
     minutes: float = 14.0
     batch_size: int = 16

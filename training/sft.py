@@ -178,7 +178,7 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
     # resumed or not, a run started from a checkpoint keeps that checkpoint's model config
     model_cfg = model_config(cfg) if init is None else model.config
     if examples is None:
-        examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit)
+        examples = load_examples(cfg.data, cfg.split, model_cfg, cfg.limit, cache=cfg.cache_examples)
     if model is None:
         model = build_model(model_cfg, tokenizer=build_word_tokenizer(corpus(examples)))
     model.train()

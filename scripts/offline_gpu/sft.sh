@@ -18,7 +18,8 @@ echo "ready after $(( $(date +%s) - T0 )) s"
 # WALL: a hard stop so the weights still come back within the call's limit (the last save_every checkpoint)
 sft() { timeout "$(( ${WALL:-555} - ($(date +%s) - T0) ))" python3 -m training sft --preset smol-gpu --threads 0 \
   --head segcompass --run "$RUN" --data /tmp/sw --init /tmp/unpacked/init --set minutes="${MIN:-7.8}" \
-  --set lr="${LR:-1e-3}" --set save_every=100 "$@"; }
+  --set lr="${LR:-1e-3}" --set save_every=100 \
+  --set cache_examples=false "$@"; }
 sft "$@" > "$RET/sft.log" 2>&1; rc=$?
 echo "sft exit $rc after $(( $(date +%s) - T0 )) s"
 # the background batch prefetch (on by default on a GPU) had not run on one before session 24: if the SFT broke
