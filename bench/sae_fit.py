@@ -3,8 +3,8 @@
 The SFT stage trains every part but the SAE, so after more SFT the LM's states drift away from what the SAE was
 fitted on; `scripts/offline_gpu/rest.sh` with STAGES=refit keeps that SAE (the heads were trained against it). This
 caches the teacher-forced layer-L states of the first LIMIT examples (reference CoT, as the SAE stage does) and reports
-the SAE's explained variance, L0 and dead share on them, in the SAE's own normalised units (per-dimension
-standardised for smol) and in raw units. Several checkpoints in one call are scored on the same examples.
+the SAE's explained variance, L0 and dead share on them, in raw units and standardised per dimension the way the
+SAE stage normalises before it fits (`training.sae_stage.normalisation(..., "dim")`, on these states). Several checkpoints in one call are scored on the same examples.
 
     python -m bench.sae_fit --checkpoint assets/checkpoints/smol OTHER_CKPT --data data/sw30k --split val --limit 64
 """
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from segcompass.model import SegCompass
     from segcompass.sae import explained_variance
     from training.examples import load_examples
-    from training.sae_stage import cache_activations, evaluate_sae
+    from training.sae_stage import cache_activations, evaluate_sae, normalisation
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -42,11 +42,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         x_ND, _ = cache_activations(model, examples, args.batch_size)
         sae = model.sae.float()
         raw = evaluate_sae(sae, x_ND)
-        # the SAE's training units: per-dimension standardised on these states (what the SAE stage fits in)
         with torch.no_grad():
             _, x_hat = sae(x_ND)
-            shift, sd = x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)
-            ev_std = explained_variance((x_ND - shift) / sd, (x_hat - shift) / sd)
+            shift, scale = normalisation(x_ND, "dim")
+            ev_std = explained_variance((x_ND - shift) * scale, (x_hat - shift) * scale)
         rows.append({"checkpoint": str(ckpt), "tokens": int(x_ND.shape[0]), "ev_raw": round(raw["explained_variance"], 4),
                      "ev_standardised": round(ev_std, 4), "l0": round(raw["l0"], 1),
                      "dead_fraction": round(raw["dead_fraction"], 4)})
