@@ -24,12 +24,8 @@ trap 'tar -C "$LOGS" -cf "$RET/logs.tar" .; ls -l "$RET"; echo "rest.sh ended af
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 SEGCOMPASS_CACHE=${SEGCOMPASS_CACHE:-/tmp/cache}
 [ -d "$RUN/sft/model" ] || { echo "no SFT checkpoint in $RUN/sft/model (run sft.sh first)"; exit 3; }
 left() { echo $(( ${WALL:-420} - ($(date +%s) - T0) )); }
-ship() {  # ship DIR: DIR's model as the returned pieces (replacing earlier ones) and meta.tar
-  rm -f "$RET"/w[0-9][0-9] "$RET/meta.tar"
-  split -b 15000000 -d "$1/model.safetensors" "$RET/w"
-  tar -C "$1" --exclude model.safetensors -cf "$RET/meta.tar" .
-  md5sum "$1/model.safetensors"
-}
+# shellcheck source=scripts/offline_gpu/pieces.sh
+. "$(dirname "$0")/pieces.sh"  # fp16, ship
 # generate SPLIT of N scenes of SEED into OUT, unless stash.sh (GEN=1) already did (its DONE_<split> marker)
 gen() { [ -f "$1/DONE_$2" ] || { python3 -m training.data.shapeworld --out "$1" --split "$2" --n "$3" --seed "$4" \
   --jobs "$JOBS" > /dev/null 2>&1 && touch "$1/DONE_$2"; }; }
@@ -51,14 +47,12 @@ for name in $STAGES; do
   prev="$RUN/$name/model"
 done
 echo "fp16 copy of $prev at $(( $(date +%s) - T0 )) s"
-rm -rf "$RUN/last" && python3 -c "import sys, torch; from segcompass.model import SegCompass
-SegCompass.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" "$prev" "$RUN/last" \
-  2> "$LOGS/fp16.log" && ship "$RUN/last" || exit 5
+fp16 "$prev" "$RUN/last" 2> "$LOGS/fp16.log" && ship "$RUN/last" "$RET" || exit 5
 echo "calibrate: start at $(( $(date +%s) - T0 )) s"
 rm -rf "$RUN/final"
 timeout "$(left)" python3 -m training calibrate --checkpoint "$prev" --data "$EV" --split val \
   --out-checkpoint "$RUN/final" --dtype fp16 --batch-size 64 > "$RET/calibration.json" 2> "$LOGS/calibrate.log" || exit 6
-ship "$RUN/final"
+ship "$RUN/final" "$RET"
 echo "eval: start at $(( $(date +%s) - T0 )) s"
 timeout "$(left)" python3 -m training eval --checkpoint "$RUN/final" --data "$EV" --split test --batch-size 64 \
   --out "$RET/eval_test.json" > /dev/null 2> "$LOGS/eval.log" || exit 7

@@ -28,10 +28,9 @@ if [ $rc != 0 ] && [ $rc != 124 ] && [ ! -d "$RUN/model" ]; then
   tail -3 "$RET/sft.log"; mv "$RET/sft.log" "$RET/sft_first.log"; rm -rf "$RUN"
   sft "$@" --set prefetch=off > "$RET/sft.log" 2>&1; echo "sft (prefetch off) exit $? after $(( $(date +%s) - T0 )) s"
 fi
-# fp16 through the model's own save_pretrained (the cast the shipped checkpoints get); sft_config.json rides along
-rm -rf /tmp/ret && python3 -c "import sys, torch; from segcompass.model import SegCompass
-SegCompass.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" "$RUN/model" /tmp/ret || exit 6
+# fp16 pieces (pieces.sh); sft_config.json rides along
+# shellcheck source=scripts/offline_gpu/pieces.sh
+. "$(dirname "$0")/pieces.sh"
+fp16 "$RUN/model" /tmp/ret || exit 6
 cp "$RUN/sft_config.json" /tmp/ret/
-split -b 15000000 -d /tmp/ret/model.safetensors "$RET/w"
-tar -C /tmp/ret --exclude model.safetensors -cf "$RET/meta.tar" .
-md5sum /tmp/ret/model.safetensors; ls -l "$RET"; echo "done after $(( $(date +%s) - T0 )) s"
+ship /tmp/ret "$RET"; ls -l "$RET"; echo "done after $(( $(date +%s) - T0 )) s"
