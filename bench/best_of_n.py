@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write every candidate (CoT, IoU, confidences) as JSON here")
+    p.add_argument("--ground-regions", action="store_true",
+                   help="generate every candidate with grounded regions (segcompass.grounding)")
     p.add_argument("--from", dest="load", default=None, help="re-summarise the rows an earlier --out wrote (no model)")
     args = p.parse_args(argv)
     if args.load:
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for s in tqdm(samples, desc="best-of-n", unit="ex"):
         gt = s.gt_mask()
-        traces = sample_traces(model, s.load_image(), s.texts[0], args.n, args.temperature, generator)
+        traces = sample_traces(model, s.load_image(), s.texts[0], args.n, args.temperature, generator,
+                               ground_regions=args.ground_regions)
         percept = perceive(model, traces[0])
         cands = []
         for trace in traces:
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "conf": [round(float(c), 4) for c in pred.confidences], "verify": verify(percept, trace.cot)})
         rows.append({"name": s.name, "family": s.family, "cands": cands, "percept": percept.to_dict()})
     report = {"checkpoint": args.checkpoint, "split": args.split, "offset": args.offset, "count": len(rows),
-              "temperature": args.temperature,
+              "temperature": args.temperature, "ground_regions": args.ground_regions,
               **summarise(rows, args.n, args.seed)}
     if args.out:
         with open(args.out, "w") as f:

@@ -3,7 +3,9 @@
 For each example: one forward of the prompt (`encode` with a 1-token budget), then `segcompass.verify.perceive`;
 reports, over tokens under an object (ShapeWorld `objects`, the naming loss's labels), the share whose most likely
 colour / shape / size word is right, and over the other (background) tokens the median probability of their most
-likely colour x shape pair (the loss never trained them, so a high value means background can seem to show an object).
+likely colour x shape pair (the loss never trained them, so a high value means background can seem to show an object),
+and how well `segcompass.verify.seen_objects` (what the verifier compares an answer against) finds the scene's
+objects: found (same colour, shape and size, centre within SAME_OBJECT px), extra, and the found ones' centre error.
 
     python -m bench.lens_naming --checkpoint assets/checkpoints/smol --data data/sw30k --split val --limit 60
 """
@@ -12,7 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+
+
+def match_seen(seen, objects, radius: float) -> tuple[int, int, list[float]]:
+    """(found, extra, centre errors in px): each ShapeWorld object matched to at most one seen object with its
+    colour, shape and size whose centre is within `radius`, nearest first."""
+    free = list(seen)
+    found, errors = 0, []
+    for obj in objects:
+        same = [o for o in free if (o.colour, o.shape, o.size) == (obj["color"], obj["shape"], obj["size"])]
+        near = min(same, key=lambda o: math.dist(o.xy, obj["center"]), default=None)
+        if near is not None and math.dist(near.xy, obj["center"]) <= radius:
+            free.remove(near)
+            found += 1
+            errors.append(math.dist(near.xy, obj["center"]))
+    return found, len(free), errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from segcompass.model import SegCompass
-    from segcompass.verify import perceive
+    from segcompass.verify import SAME_OBJECT, perceive, seen_objects
     from training.data.loaders import load_reasonseg
     from training.examples import token_labels
 
@@ -36,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = SegCompass.from_pretrained(args.checkpoint)
     grid, size = model.config.vision.token_grid, model.config.vision.image_size
     right, labelled, background = torch.zeros(3), 0, []
+    objects, found, extra, errors = 0, 0, 0, []
     for s in load_reasonseg(args.data, split=args.split)[: args.limit]:
         trace = model.encode(s.load_image(), s.texts[0], max_new_tokens=1)
         labels = token_labels(s, trace.valid_hw, size, grid)
@@ -47,11 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
         for i, logp in enumerate((percept.colour, percept.shape, percept.size)):
             right[i] += (logp.argmax(1)[on] == labels[on, i]).sum()
         background.append((percept.colour.max(1).values + percept.shape.max(1).values)[~on].exp())
+        f, x, e = match_seen(seen_objects(percept), s.objects or (), SAME_OBJECT)
+        objects, found, extra, errors = objects + len(s.objects or ()), found + f, extra + x, errors + e
     bg = torch.cat(background) if background else torch.zeros(0)
     report = {"checkpoint": args.checkpoint, "split": args.split, "labelled_tokens": labelled,
               "accuracy_colour_shape_size": [round(float(r) / max(1, labelled), 3) for r in right],
               "background_tokens": len(bg),
-              "background_median_top_pair_probability": round(float(bg.median()), 3) if len(bg) else None}
+              "background_median_top_pair_probability": round(float(bg.median()), 3) if len(bg) else None,
+              "objects": objects, "seen_found": found, "seen_extra": extra,
+              "seen_median_centre_error_px": round(float(torch.tensor(errors).median()), 1) if errors else None}
     print(json.dumps(report, indent=2))
     return report
 

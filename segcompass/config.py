@@ -48,6 +48,9 @@ class LMConfig:
     path: str | None = None  # local folder for kind="hf"
     lora_rank: int = 0  # > 0: adapt the pretrained LM with LoRA instead of full fine-tuning
     dtype: str = "float32"  # weights of a pretrained LM ("float32" | "bfloat16" | "float16"); heads stay float32
+    # inference: region words of the CoT ("… star at top left") follow the visual tokens' logit lens
+    # (segcompass.grounding); needs a model trained with the naming loss
+    ground_regions: bool = False
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,7 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         on_token: Callable[[int, int], None] | None = None,
         on_states: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        steer: Callable[[int, list[int]], int | None] | None = None,
     ) -> Generation:
         """Sample (temperature > 0) or greedily decode completions with a KV cache.
 
@@ -202,6 +203,8 @@ class LanguageModel(nn.Module):
         back in once, so each has its layer states (the reference token's included).
         `on_token(b, token_id)` streams each new token; `on_states(b, hook, last)` receives the layer-L and last-layer states of every input token [t, D] as they are computed
         (the generation pass itself is the source of the SAE codes).
+        `steer(b, completion_ids)` may force sequence b's next token (an int) instead of the sampled one
+        (`segcompass.grounding`); None leaves the choice to the LM.
         """
         B, P = len(prompts), max(len(p.ids) for p in prompts)
         device = visual_BND.device
@@ -227,6 +230,11 @@ class LanguageModel(nn.Module):
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
                 token = logits.argmax(-1)
+            if steer is not None:
+                for b in (~done).nonzero().flatten().tolist():
+                    forced = steer(b, completion[b, :t].tolist())
+                    if forced is not None:
+                        token[b] = forced
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             completion[:, t] = token
             comp_mask[:, t] = (~done).long()

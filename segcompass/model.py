@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import SegCompassConfig
 from .edits import apply_edits
+from .grounding import grounding_steer
 from .language import LanguageModel, Prompt
 from .records import ConceptEdit, ForwardOutput, Prediction, TokenRole, Trace
 from .sae import SparseAutoencoder
@@ -218,8 +219,10 @@ class SegCompass(nn.Module):
                                      generator, edits)[0]
 
     def _generate_traces(
-        self, preps, tokens, feats, instructions, on_token, max_new_tokens, temperature, generator, edits=()
+        self, preps, tokens, feats, instructions, on_token, max_new_tokens, temperature, generator, edits=(),
+        ground_regions: bool | None = None,
     ) -> list[Trace]:
+        """`ground_regions`: steer the CoT's region words (segcompass.grounding); None = the config's choice."""
         lang = self.language
         B = len(preps)
         if edits and B != 1:
@@ -255,6 +258,12 @@ class SegCompass(nn.Module):
         budget = max_new_tokens or self.config.lm.max_new_tokens
         gen_kwargs = dict(max_new_tokens=budget, temperature=temperature, generator=generator,
                           on_token=stream, on_states=keep)
+        if self.config.lm.ground_regions if ground_regions is None else ground_regions:
+            def visual_states(b: int) -> torch.Tensor:  # layer L of the prompt's visual tokens, edited if asked
+                states = splice(hooks[b][0][None])[0] if edits else hooks[b][0]
+                return states[torch.tensor(prompts[b].roles, device=states.device) == int(TokenRole.VISUAL)]
+
+            gen_kwargs["steer"] = grounding_steer(lang, B, visual_states, boxes, [p.original_size for p in preps])
         if edits:
             with lang.splice(splice):
                 gen = lang.generate(prompts, tokens, **gen_kwargs)

@@ -250,6 +250,19 @@ def test_lens_naming_reads_the_tiny_checkpoints_visual_tokens(data, capsys):
     report = main(["--checkpoint", CHECKPOINT, "--data", str(data), "--split", "val", "--limit", "3", "--threads", "1"])
     assert report["labelled_tokens"] > 0 and report["background_tokens"] > 0
     assert all(0.0 <= a <= 1.0 for a in report["accuracy_colour_shape_size"])
+    assert report["objects"] > 0 and 0 <= report["seen_found"] <= report["objects"] and report["seen_extra"] >= 0
+
+
+def test_match_seen_pairs_each_object_with_one_nearby_seen_object_of_its_kind():
+    from bench.lens_naming import match_seen
+    from segcompass.verify import Seen
+
+    seen = [Seen("red", "star", "small", (10.0, 10.0), 2), Seen("red", "star", "small", (100.0, 10.0), 1),
+            Seen("blue", "circle", "large", (50.0, 50.0), 4)]
+    objects = [{"color": "red", "shape": "star", "size": "small", "center": [12.0, 10.0]},
+               {"color": "blue", "shape": "circle", "size": "medium", "center": [50.0, 50.0]}]
+    found, extra, errors = match_seen(seen, objects, 32.0)
+    assert (found, extra, errors) == (1, 2, [2.0])  # the circle's size is wrong: not found, and counted extra
 
 
 def test_sae_fit_scores_a_checkpoints_sae_on_its_own_states(data):

@@ -270,6 +270,11 @@ def test_eval_command_scores_a_generated_folder(data, sft_run, tmp_path, capsys)
     # DIR may also be the split folder itself
     assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data / "test"), "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 2
+    # a slice of the split, with grounded regions (recorded in the result)
+    assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data / "test"), "--offset", "2",
+                 "--ground-regions"]) == 0
+    sliced = json.loads(capsys.readouterr().out)
+    assert sliced["count"] == 1 and sliced["offset"] == 2 and sliced["ground_regions"] is True
 
 
 def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft_run, tmp_path, capsys):

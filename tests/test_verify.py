@@ -120,3 +120,50 @@ def test_best_of_n_rescores_saved_candidates_without_a_model(tmp_path, capsys):
     report = main(["--from", str(tmp_path / "bon.json")])
     assert report["n=1"]["greedy"] == 0.0 and report["n=1"]["verified"] == 0.8 and report["n=1"]["max_conf"] == 0.0
 
+
+
+def _scene_percept(objects):
+    """8 x 8 tokens over 256 px, certain of the (colour, shape, size) at the given token indices, else of nothing."""
+    import torch
+
+    from segcompass.verify import COLOURS, SHAPES, SIZES, Percept
+
+    n = 8
+    colour = torch.full((n * n, len(COLOURS)), -float(np.log(len(COLOURS))))
+    shape = torch.full((n * n, len(SHAPES)), -float(np.log(len(SHAPES))))
+    size = torch.full((n * n, len(SIZES)), -float(np.log(len(SIZES))))
+    for tokens, (c, s, z) in objects:
+        for t in tokens:
+            for table, vocab, word in ((colour, COLOURS, c), (shape, SHAPES, s), (size, SIZES, z)):
+                table[t] = torch.log_softmax(torch.eye(len(vocab))[vocab.index(word)] * 20, -1)
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    centres = torch.stack([(cols.flatten() + 0.5) * 32, (rows.flatten() + 0.5) * 32], -1)
+    return Percept(colour, shape, size, centres, torch.tensor([256.0, 256.0]))
+
+
+def test_seen_objects_and_the_answer_checked_against_every_seen_member_of_its_group():
+    from segcompass.verify import extreme_support, relation_support, seen_objects, verify
+
+    # a red star top left (2 tokens), a blue star bottom left, a green circle in the middle; unsure background
+    p = _scene_percept([((0, 1), ("red", "star", "small")), ((56,), ("blue", "star", "large")),
+                        ((27,), ("green", "circle", "medium"))])
+    seen = sorted((o.colour, o.shape, o.size, o.tokens) for o in seen_objects(p))
+    assert seen == [("blue", "star", "large", 1), ("green", "circle", "medium", 1), ("red", "star", "small", 2)]
+    red = next(o for o in seen_objects(p) if o.colour == "red")
+    assert red.xy == (32.0, 16.0)  # between its two tokens' centres
+    # the highest star is the red one, whatever the CoT listed (the blue star is the other star seen)
+    right = "stars : small red star at top left . highest is the small red star . answer : small red star ."
+    wrong = "stars : large blue star at bottom left . highest is the large blue star . answer : large blue star ."
+    assert extreme_support(p, right) > -0.01 and extreme_support(p, wrong) < -10
+    # "shapes": the circle counts too; "circles": no other circle seen, so nothing to compare
+    assert extreme_support(p, "shapes : x . rightmost is the medium green circle .") > -0.01
+    assert extreme_support(p, "circles : x . rightmost is the medium green circle .") is None
+    assert verify(p, right) > verify(p, wrong)
+    # relations: the answer must be the only one of its group so placed, and closest / farthest are checked
+    below = "anchor : small red star at top left . below it : large blue star . answer : large blue star ."
+    assert relation_support(p, below) < -5  # the green circle is below the red star too
+    assert relation_support(p, below.replace("below it", "stars below it")) > -0.01  # only stars: unique
+    assert relation_support(p, below, others=False) > -0.01  # session 23's rule: the direction only
+    closest = "anchor : small red star at top left . closest to it : {} . answer : x ."
+    assert relation_support(p, closest.format("medium green circle")) > -0.01  # 125 px away; the blue star 225
+    assert relation_support(p, closest.format("large blue star")) < -3

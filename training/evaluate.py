@@ -41,7 +41,12 @@ def predictions(model, samples, batch_size: int = 16):
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, limit: int | None = None,
-             save_masks: str | Path | None = None, model=None, batch_size: int = 16) -> dict:
+             save_masks: str | Path | None = None, model=None, batch_size: int = 16, offset: int = 0,
+             ground_regions: bool = False) -> dict:
+    """Score a checkpoint on examples [offset, offset + limit) of a split; `ground_regions` switches on
+    segcompass.grounding for this evaluation (the checkpoint's config is left as it is on disk)."""
+    import dataclasses
+
     from PIL import Image
     from tqdm import tqdm
 
@@ -52,8 +57,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
     model = model if model is not None else SegCompass.from_pretrained(checkpoint, device=default_device())
     model.eval()
+    if ground_regions:
+        model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, ground_regions=True))
     folder, split = resolve_split(data, split)
-    samples = load_reasonseg(folder, split)
+    samples = load_reasonseg(folder, split)[offset:]
     if limit is not None:
         samples = samples[:limit]
     if save_masks:
@@ -73,6 +80,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     s = board.result()
     return {
         "checkpoint": str(checkpoint), "data": str(folder), "split": split, "head": model.config.head,
+        "offset": offset, "ground_regions": model.config.lm.ground_regions,
         "gIoU": s.giou, "cIoU": s.ciou, "N-acc": s.n_acc, "T-acc": s.t_acc, "count": s.count,
         "per_family_gIoU": s.per_family, "family_counts": s.family_counts, "failures": failures,
         "seconds": time.perf_counter() - start,
@@ -81,7 +89,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
 def run_eval(args) -> int:
     result = evaluate(args.checkpoint, args.data, args.split, args.limit, args.save_masks,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, offset=args.offset, ground_regions=args.ground_regions)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
