@@ -425,8 +425,9 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
                                      elem_id="verify-samples")
                 verify = gr.Button("Check the reasoning against the image (samples more chains of thought; "
                                    "slow: about samples + 1 runs)", elem_id="verify-btn")
-            verify_note = gr.Markdown("Sample more chains of thought and keep the one whose named objects, places "
-                                      "and directions the model's own visual tokens support best.",
+            verify_note = gr.Markdown("Sample more chains of thought, each stating places where the model's own "
+                                      "visual tokens see the objects, and keep the one whose named objects, "
+                                      "relations, extremes and sizes those tokens support best.",
                                       elem_id="verify-note")
         with gr.Row(elem_id="search-row"):
             with gr.Column(scale=1):

@@ -25,7 +25,8 @@ import functools
 import math
 import re
 
-from .verify import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, Claim, Percept, naming, percept_from_states, region_of
+from .verify import (COLOURS, COLUMNS, ROWS, SHAPES, SIZES, Claim, Percept, naming, naming_vocab, percept_from_states,
+                     region_of)
 
 _ATTR = "|".join(COLOURS + SIZES)
 _SHAPE = "|".join(SHAPES)
@@ -96,7 +97,10 @@ class RegionGrounding:
 
 def grounding_steer(lang, batch: int, visual_states, patch_boxes, original_sizes):
     """A `steer` for `LanguageModel.generate` that reads every sequence's percept on its first call, from
-    `visual_states(b)` (layer-L states [Nv, D] of sequence b's visual tokens, there once the prompt ran)."""
+    `visual_states(b)` (layer-L states [Nv, D] of sequence b's visual tokens, there once the prompt ran);
+    None when the tokenizer cannot write the colour, shape and size words (nothing to read, nothing forced)."""
+    if naming_vocab(lang) is None:
+        return None
 
     @functools.cache
     def grounding() -> RegionGrounding:

@@ -374,10 +374,12 @@ def choose(scores: list[float | None]) -> int:
 
 
 def best_of(model, image, instruction: str, samples: int, temperature: float = 0.7,
-            generator: torch.Generator | None = None, ground_regions: bool | None = None) -> tuple:
+            generator: torch.Generator | None = None, ground_regions: bool | None = True) -> tuple:
     """The greedy CoT and `samples` sampled ones, each scored by `verify`; returns (the kept Trace, every
     candidate as {"cot", "score", "kept"} with the greedy one first). The kept one has the highest score
-    (`choose`), so with no scores nothing changes. Costs about samples + 1 generations."""
+    (`choose`), so with no scores nothing changes. Costs about samples + 1 generations. The candidates are
+    generated with grounded regions (segcompass.grounding) unless `ground_regions` is False (None: the
+    checkpoint's choice): a CoT's places then hold by construction, and the score turns on what it chose."""
     traces = sample_traces(model, image, instruction, samples, temperature, generator, ground_regions)
     try:
         percept = perceive(model, traces[0])

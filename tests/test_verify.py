@@ -1,5 +1,6 @@
 """segcompass.verify: a chain of thought's claims checked against the model's own visual tokens."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -71,8 +72,13 @@ def test_best_of_keeps_a_scored_candidate_and_predict_reports_them(tmp_path):
 
     model = SegCompass.from_pretrained(TINY)
     image = np.asarray(Image.open("assets/examples/shapeworld_01.jpg").convert("RGB"))
-    kept, cands = best_of(model, image, "segment the red shape", 2, generator=torch.Generator().manual_seed(0))
+    kept, cands = best_of(model, image, "segment the red shape", 2, generator=torch.Generator().manual_seed(0),
+                          ground_regions=False)
     assert len(cands) == 3 and cands[0]["cot"] == model.encode(image, "segment the red shape").cot
+    _, gcands = best_of(model, image, "segment the red shape", 1, generator=torch.Generator().manual_seed(0))
+    model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, ground_regions=True))
+    assert gcands[0]["cot"] == model.encode(image, "segment the red shape").cot  # best_of grounds by default
+    model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, ground_regions=False))
     scored = [c["score"] for c in cands if c["score"] is not None]
     assert scored, "the tiny checkpoint was trained with the naming loss: its CoTs name objects it can check"
     best = max(scored)
