@@ -287,6 +287,14 @@ def _in_group(obj: Seen, head: str) -> bool:
         all(w not in SIZES or w == obj.size for w in words) and shape in (None, obj.shape)
 
 
+def _rivals(p: Percept, answer: Claim, group: str) -> tuple[torch.Tensor, Seen | None, list[Seen]]:
+    """Where the tokens see the answer best, the seen object it is (if any), and every other seen member of `group`."""
+    at = locate(p, answer)
+    seen = seen_objects(p)
+    own = _same(seen, answer, at)
+    return at, own, [o for o in seen if _in_group(o, group) and o is not own]
+
+
 def extreme_support(p: Percept, cot: str) -> float | None:
     """log P("stars : A at …, B at … . leftmost is the B" holds): for every other object of the group ("stars") the
     tokens see (`seen_objects`), a sigmoid of how far the answer lies beyond it along the named axis
@@ -298,10 +306,7 @@ def extreme_support(p: Percept, cot: str) -> float | None:
     if not answer:
         return None
     axis, sign = _EXTREME_AXIS[match.group(3)]
-    at = locate(p, answer[0])
-    seen = seen_objects(p)
-    own = _same(seen, answer[0], at)
-    others = [o for o in seen if _in_group(o, match.group(1)) and o is not own]
+    at, _, others = _rivals(p, answer[0], match.group(1))
     if not others:
         return None
     offsets = torch.tensor([sign * (float(at[axis]) - o.xy[axis]) for o in others])
@@ -323,10 +328,8 @@ def superlative_support(p: Percept, cot: str) -> float | None:
     if not answer:
         return None
     sign = 1.0 if match.group(3) == "largest" else -1.0
-    seen = seen_objects(p)
-    own = _same(seen, answer[0], locate(p, answer[0]))
+    _, own, others = _rivals(p, answer[0], match.group(1))
     size = answer[0].size if own is None else own.size
-    others = [o for o in seen if _in_group(o, match.group(1)) and o is not own]
     if size is None or not others:
         return None
     steps = torch.tensor([sign * (SIZES.index(size) - SIZES.index(o.size)) for o in others], dtype=torch.float32)
