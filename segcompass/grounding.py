@@ -94,7 +94,6 @@ class RegionGrounding:
         return ids[0]
 
 
-
 def grounding_steer(lang, batch: int, visual_states, patch_boxes, original_sizes):
     """A `steer` for `LanguageModel.generate` that reads every sequence's percept on its first call, from
     `visual_states(b)` (layer-L states [Nv, D] of sequence b's visual tokens, there once the prompt ran);
