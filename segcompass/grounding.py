@@ -74,10 +74,9 @@ class RegionGrounding:
         no visual token names it with probability >= min_prob."""
         p = self.percepts[b]
         shapes = SHAPES if shape is None else (shape,)
-        best = max((Claim(colour, s, size, None, True) for s in shapes), key=lambda c: float(naming(p, c).max()))
-        if float(naming(p, best).max()) < self.min_logprob:
-            return None
-        return region_of(p, best)
+        candidates = (Claim(colour, s, size, None, True) for s in shapes)
+        score, best = max(((float(naming(p, c).max()), c) for c in candidates), key=lambda pair: pair[0])
+        return None if score < self.min_logprob else region_of(p, best)
 
     def __call__(self, b: int, completion_ids: list[int]) -> int | None:
         queue = self.queue.get(b)

@@ -44,7 +44,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
              save_masks: str | Path | None = None, model=None, batch_size: int = 16, offset: int = 0,
              ground_regions: bool = False) -> dict:
     """Score a checkpoint on examples [offset, offset + limit) of a split; `ground_regions` switches on
-    segcompass.grounding for this evaluation (the checkpoint's config is left as it is on disk)."""
+    segcompass.grounding in the model's in-memory config (a `model` passed in keeps it; nothing is written to disk)."""
     import dataclasses
 
     from PIL import Image
