@@ -17,6 +17,7 @@ from PIL import Image
 
 from segcompass.concepts import ConceptInfo
 from segcompass.records import ConceptEdit, Prediction, TokenRole, Trace
+from segcompass.repair import REWRITE_MARK
 
 MAX_IMAGE_SIDE = 768  # larger uploads are downscaled: the model sees 256 px, overlays stay light
 HIDDEN_TOKENS = {"<eos>", "<pad>", "<|endoftext|>", "<|im_end|>"}
@@ -132,6 +133,19 @@ def token_piece(text: str, word_level: bool) -> str | None:
     if text in HIDDEN_TOKENS:
         return None
     return text + " " if word_level else text
+
+
+def add_streamed(streamed: list[str], texts: list[str], word_level: bool) -> bool:
+    """Append the shown pieces of streamed token texts to `streamed`; a rewrite mark (segcompass.repair: the CoT is
+    written again from its start) clears what came before it. True when the CoT is being rewritten."""
+    rewriting = False
+    for text in texts:
+        if text == REWRITE_MARK:
+            streamed.clear()
+            rewriting = True
+        elif (piece := token_piece(text, word_level)) is not None:
+            streamed.append(piece)
+    return rewriting
 
 
 def cot_display(trace: Trace, word_level: bool) -> tuple[list[str], list[int]]:

@@ -22,7 +22,7 @@ from .export import export_zip
 from .labels import LabelStore
 from .render import annotations, change_markdown, compare, concept_colour
 from .session import (
-    Done, Session, save_png, cot_display, downscale, edit_status, first_divergence, token_name, token_piece, toggled,
+    Done, Session, add_streamed, cot_display, downscale, edit_status, first_divergence, save_png, token_name, toggled,
 )
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ TOP_CONCEPTS = 30
 CONCEPT_COLUMNS = ["concept", "label", "contribution", "max act.", "visual", "CoT", "instr.", "fires on", "edit"]
 TOKEN_COLUMNS = ["concept", "label", "activation", "edit"]
 SEARCH_COLUMNS = ["concept", "label", "source", "auto score", "match", "contribution here"]
+REWRITING = "The visual tokens contradict the decision: rewriting…"
 MEANING_MIN_COSINE = 0.35  # semantic matches below this cosine are not shown
 PATCH_SCOPE = "clicked patch"
 MAX_VERIFY_SAMPLES = 8
@@ -114,9 +115,10 @@ class Explorer:
         return s
 
     # ---- run: the expensive pass, streamed -------------------------------------------------
-    def run(self, image, instruction: str, state: Session | None):
+    def run(self, image, instruction: str, state: Session | None, correct: bool | None = None):
         """Generator. Yields (state, status, cot text, cot tokens, before, after, change, concept
-        table, token concepts, patch concepts, edits, re-reasoned cot, re-reason note)."""
+        table, token concepts, patch concepts, edits, re-reasoned cot, re-reason note). `correct`: rewrite a CoT
+        whose decision the visual tokens contradict (segcompass.repair; None: as the checkpoint says)."""
         if image is None:
             raise gr.Error("No image: upload one or pick an example.")
         try:
@@ -130,14 +132,16 @@ class Explorer:
         arr, scale = downscale(arr)
         skip = gr.skip()
         streamed: list[str] = []
+        rewriting = False
         yield (state, "Reasoning…", "", [], None, None, NO_EDITS, _empty(CONCEPT_COLUMNS),
                _empty(TOKEN_COLUMNS), _empty(TOKEN_COLUMNS), [], "", "")
-        for item in self._stream(lambda on_token: self.model.encode(arr, instruction, on_token=on_token)):
+        for item in self._stream(lambda on_token: self.model.encode(arr, instruction, on_token=on_token,
+                                                                     repair=correct)):
             if isinstance(item, Done):
                 trace = item.value
                 break
-            streamed.extend(p for t in item if (p := token_piece(t, self.word_level)) is not None)
-            yield (skip, f"Reasoning… {len(streamed)} tokens", "".join(streamed),
+            rewriting = add_streamed(streamed, item, self.word_level) or rewriting
+            yield (skip, f"{REWRITING if rewriting else 'Reasoning…'} {len(streamed)} tokens", "".join(streamed),
                    [(p, None) for p in streamed], *[skip] * 9)
         yield self.session_outputs(arr, scale, trace)
 
@@ -150,7 +154,8 @@ class Explorer:
                     image_file=save_png(arr))
         status = (f"Done: {len(positions)} CoT tokens, {len(concepts)} concepts shown, "
                   f"slots kept {[k + 1 for k in pred.kept_slots]}, mask {int(pred.mask.sum())} px"
-                  + ("" if trace.ref_found else " · no reference token emitted (last token stands in)") + note)
+                  + ("" if trace.ref_found else " · no reference token emitted (last token stands in)")
+                  + (f" · rewritten: {trace.repair}" if trace.repair else "") + note)
         return (s, status, trace.cot or trace.completion, self.shaded_tokens(s), self.overlay(s, pred), None,
                 NO_EDITS, self.concept_table(s), _empty(TOKEN_COLUMNS), _empty(TOKEN_COLUMNS), [], "", "")
 
@@ -221,7 +226,7 @@ class Explorer:
         return (s, *self.after_outputs(s))
 
     # ---- the slow path: re-reason with the edits --------------------------------------------
-    def reason(self, state: Session | None):
+    def reason(self, state: Session | None, correct: bool | None = None):
         """Generator. Yields (state, re-reasoned cot, note, after image, change text, concept table, edits)."""
         s = self.require(state)
         if not s.edits:
@@ -229,13 +234,16 @@ class Explorer:
         edits = list(s.edits)
         skip = gr.skip()
         streamed: list[str] = []
+        rewriting = False
         yield skip, "", "Re-reasoning with the edits spliced into layer L…", *[skip] * 4
-        for item in self._stream(lambda on_token: self.model.reason(s.image, s.trace, edits, on_token=on_token)):
+        for item in self._stream(lambda on_token: self.model.reason(s.image, s.trace, edits, on_token=on_token,
+                                                                     repair=correct)):
             if isinstance(item, Done):
                 new = item.value
                 break
-            streamed.extend(p for t in item if (p := token_piece(t, self.word_level)) is not None)
-            yield skip, "".join(streamed), f"Re-reasoning… {len(streamed)} tokens", *[skip] * 4
+            rewriting = add_streamed(streamed, item, self.word_level) or rewriting
+            yield skip, "".join(streamed), f"{REWRITING if rewriting else 'Re-reasoning…'} {len(streamed)} tokens", \
+                *[skip] * 4
         s.reasoned, s.reasoned_edits = new, edits
         s.reasoned_pred = self.model.decode(new, edits)
         old_cot = [p for p in cot_display(s.trace, self.word_level)[0]]
@@ -243,6 +251,8 @@ class Explorer:
         at = first_divergence(old_cot, new_cot)
         note = ("The CoT is unchanged by these edits." if at is None else
                 f"The CoT changed from token {at + 1} on ({len(old_cot)} → {len(new_cot)} tokens).")
+        if new.repair:
+            note += f" Rewritten where the visual tokens contradicted it: {new.repair}."
         return_values = (s, new.cot or new.completion, note, *self.after_outputs(s))
         yield return_values
 
@@ -371,6 +381,10 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
                                  sources=["upload", "clipboard"], height=300, elem_id="image-in")
                 instruction = gr.Textbox(label="Instruction", placeholder="e.g. the red circle", lines=2,
                                          max_lines=6, elem_id="instruction")
+                correct = gr.Checkbox(
+                    value=ex.model.config.lm.repair, elem_id="repair",
+                    label="Let the visual tokens correct the decision (rewrite the chain of thought where what they "
+                          "see contradicts its extreme, relation, absence or answer)")
                 run = gr.Button("Run", variant="primary", elem_id="run-btn")
                 if ex.examples:
                     gr.Examples([[e["image"], e["instruction"]] for e in ex.examples], inputs=[image, instruction],
@@ -444,7 +458,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
         model_events = dict(concurrency_id=MODEL, concurrency_limit=1)
         run_outputs = [state, status, cot_text, cot_tokens, before, after, change, concepts, token_table,
                        patch_table, edits_view, reason_cot, reason_note]
-        run.click(ex.run, [image, instruction, state], run_outputs, api_name="run", **model_events)
+        run.click(ex.run, [image, instruction, state, correct], run_outputs, api_name="run", **model_events)
         verify.click(ex.verify, [state, verify_n], [*run_outputs, verify_note], api_name="verify", **model_events)
         after_outputs = [state, after, change, concepts, edits_view]
         # Toggles take milliseconds: no progress overlay (its fade-in/out delayed the new mask on screen,
@@ -456,7 +470,7 @@ def build_demo(explorer: Explorer, max_queue: int = 32) -> gr.Blocks:
             table.select(ex.select_concept, [state, op, factor, scope], [*after_outputs, concept_id],
                          api_visibility="private", **model_events, **fast)
         reset.click(ex.reset, [state], after_outputs, api_name="reset", **model_events, **fast)
-        reason.click(ex.reason, [state], [state, reason_cot, reason_note, after, change, concepts, edits_view],
+        reason.click(ex.reason, [state, correct], [state, reason_cot, reason_note, after, change, concepts, edits_view],
                      api_name="reason", **model_events)
         cot_tokens.select(ex.select_token, [state], [token_table], api_visibility="private")
         image.select(ex.select_patch, [state], [state, patch_info, patch_table], api_visibility="private")

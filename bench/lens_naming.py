@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from segcompass.model import SegCompass
-    from segcompass.verify import SAME_OBJECT, perceive, seen_objects
+    from segcompass.verify import SAME_OBJECT, SINGLE_PROB, perceive, seen_objects
     from training.data.loaders import load_reasonseg
     from training.examples import token_labels
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid, size = model.config.vision.token_grid, model.config.vision.image_size
     right, labelled, background = torch.zeros(3), 0, []
     objects, found, extra, errors = 0, 0, 0, []
+    strict = [0, 0]  # found, extra with a lone token needing SINGLE_PROB (what segcompass.repair reads)
     for s in load_reasonseg(args.data, split=args.split)[: args.limit]:
         trace = model.encode(s.load_image(), s.texts[0], max_new_tokens=1)
         labels = token_labels(s, trace.valid_hw, size, grid)
@@ -68,13 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
         background.append((percept.colour.max(1).values + percept.shape.max(1).values)[~on].exp())
         f, x, e = match_seen(seen_objects(percept), s.objects or (), SAME_OBJECT)
         objects, found, extra, errors = objects + len(s.objects or ()), found + f, extra + x, errors + e
+        f, x, _ = match_seen(seen_objects(percept, single_prob=SINGLE_PROB), s.objects or (), SAME_OBJECT)
+        strict = [strict[0] + f, strict[1] + x]
     bg = torch.cat(background) if background else torch.zeros(0)
     report = {"checkpoint": args.checkpoint, "split": args.split, "labelled_tokens": labelled,
               "accuracy_colour_shape_size": [round(float(r) / max(1, labelled), 3) for r in right],
               "background_tokens": len(bg),
               "background_median_top_pair_probability": round(float(bg.median()), 3) if len(bg) else None,
               "objects": objects, "seen_found": found, "seen_extra": extra,
-              "seen_median_centre_error_px": round(float(torch.tensor(errors).median()), 1) if errors else None}
+              "seen_median_centre_error_px": round(float(torch.tensor(errors).median()), 1) if errors else None,
+              f"seen_found_extra_lone_token_at_{SINGLE_PROB}": strict}
     print(json.dumps(report, indent=2))
     return report
 

@@ -51,6 +51,9 @@ class LMConfig:
     # inference: region words of the CoT ("… star at top left") follow the visual tokens' logit lens
     # (segcompass.grounding); needs a model trained with the naming loss
     ground_regions: bool = False
+    # inference: a greedy CoT whose decision (an extreme, a relation, an absence) the visual tokens contradict is
+    # written again with the decision they support (segcompass.repair); needs the naming loss too
+    repair: bool = False
 
 
 @dataclass(frozen=True)

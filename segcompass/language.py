@@ -60,6 +60,17 @@ def completion_text(cot: str) -> str:
     return f"{THINK_START} {cot} {THINK_END} {REF_TOKEN}"
 
 
+def first_of(steers: Sequence[Callable[[int, list[int]], int | None]]) -> Callable[[int, list[int]], int | None]:
+    """One `steer` for `LanguageModel.generate` from several: the first that forces a token decides."""
+    def steer(b: int, completion_ids: list[int]) -> int | None:
+        for one in steers:
+            if (token := one(b, completion_ids)) is not None:
+                return token
+        return None
+
+    return steer
+
+
 class LanguageModel(nn.Module):
     def __init__(self, lm: nn.Module, tokenizer, hook_layer: int, visual_dim: int, chat_template: bool = False):
         super().__init__()

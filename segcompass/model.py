@@ -19,10 +19,13 @@ from torch import nn
 from .config import SegCompassConfig
 from .edits import apply_edits
 from .grounding import grounding_steer
-from .language import LanguageModel, Prompt
+from .language import LanguageModel, Prompt, first_of
 from .records import ConceptEdit, ForwardOutput, Prediction, TokenRole, Trace
+from .repair import REWRITE_MARK, FixSteer
+from .repair import repair as find_fix
 from .sae import SparseAutoencoder
 from .slot_mapper import kept_slots
+from .verify import naming_vocab, percept_from_states
 from .vision import PreparedImage, patch_boxes, prepare_image
 
 log = logging.getLogger(__name__)
@@ -176,12 +179,15 @@ class SegCompass(nn.Module):
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
+        repair: bool | None = None,
     ) -> Trace:
-        """Run the vision encoder and generate the CoT; keep everything `decode` needs."""
+        """Run the vision encoder and generate the CoT; keep everything `decode` needs. `repair`: rewrite a greedy
+        CoT whose decision the visual tokens contradict (segcompass.repair; None: as the config says)."""
         instruction = check_instruction(instruction)
         prep = self.prepare(image)
         tokens, feats = self.vision(prep.pixels[None].to(self._device()))
-        return self._generate_trace(prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator)
+        return self._generate_trace(prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator,
+                                    repair=repair)
 
     @torch.no_grad()
     def reason(
@@ -190,11 +196,14 @@ class SegCompass(nn.Module):
         trace: Trace,
         edits: Sequence[ConceptEdit],
         on_token: Callable[[str], None] | None = None,
+        repair: bool | None = None,
     ) -> Trace:
-        """Slow path: regenerate the CoT with layer L replaced by SAE(edited codes) + error."""
+        """Slow path: regenerate the CoT with layer L replaced by SAE(edited codes) + error (`repair` as in
+        `encode`; the edited visual tokens then decide what they contradict)."""
         prep = self.prepare(image)
         tokens, feats = self.vision(prep.pixels[None].to(self._device()))
-        return self._generate_trace(prep, tokens, feats, trace.instruction, on_token, None, 0.0, None, edits)
+        return self._generate_trace(prep, tokens, feats, trace.instruction, on_token, None, 0.0, None, edits,
+                                    repair=repair)
 
     @torch.no_grad()
     def encode_batch(self, images: Sequence, instructions: Sequence[str], max_new_tokens: int | None = None
@@ -212,17 +221,19 @@ class SegCompass(nn.Module):
         return self._generate_traces(preps, tokens, feats, instructions, None, max_new_tokens, 0.0, None)
 
     def _generate_trace(
-        self, prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator, edits=()
+        self, prep, tokens, feats, instruction, on_token, max_new_tokens, temperature, generator, edits=(), repair=None
     ) -> Trace:
         stream = None if on_token is None else (lambda _b, text: on_token(text))
         return self._generate_traces([prep], tokens, feats, [instruction], stream, max_new_tokens, temperature,
-                                     generator, edits)[0]
+                                     generator, edits, repair=repair)[0]
 
     def _generate_traces(
         self, preps, tokens, feats, instructions, on_token, max_new_tokens, temperature, generator, edits=(),
-        ground_regions: bool | None = None,
+        ground_regions: bool | None = None, repair: bool | None = None, fixes: list | None = None,
     ) -> list[Trace]:
-        """`ground_regions`: steer the CoT's region words (segcompass.grounding); None = the config's choice."""
+        """`ground_regions`: steer the CoT's region words (segcompass.grounding); `repair`: write a greedy CoT
+        again where its decision contradicts the visual tokens (segcompass.repair); None = the config's choice.
+        `fixes` (one `repair.Fix` or None per example) forces those rewrites; `repair` then does nothing."""
         lang = self.language
         B = len(preps)
         if edits and B != 1:
@@ -258,12 +269,16 @@ class SegCompass(nn.Module):
         budget = max_new_tokens or self.config.lm.max_new_tokens
         gen_kwargs = dict(max_new_tokens=budget, temperature=temperature, generator=generator,
                           on_token=stream, on_states=keep)
-        if self.config.lm.ground_regions if ground_regions is None else ground_regions:
-            def visual_states(b: int) -> torch.Tensor:  # layer L of the prompt's visual tokens, edited if asked
-                states = splice(hooks[b][0][None])[0] if edits else hooks[b][0]
-                return states[torch.tensor(prompts[b].roles, device=states.device) == int(TokenRole.VISUAL)]
+        def visual_states(b: int) -> torch.Tensor:  # layer L of the prompt's visual tokens, edited if asked
+            states = splice(hooks[b][0][None])[0] if edits else hooks[b][0]
+            return states[torch.tensor(prompts[b].roles, device=states.device) == int(TokenRole.VISUAL)]
 
-            gen_kwargs["steer"] = grounding_steer(lang, B, visual_states, boxes, [p.original_size for p in preps])
+        grounded = self.config.lm.ground_regions if ground_regions is None else ground_regions
+        steers = [FixSteer(lang.tokenizer, fixes)] if fixes is not None else []
+        if grounded and (ground := grounding_steer(lang, B, visual_states, boxes, [p.original_size for p in preps])):
+            steers.append(ground)
+        if steers:
+            gen_kwargs["steer"] = first_of(steers)
         if edits:
             with lang.splice(splice):
                 gen = lang.generate(prompts, tokens, **gen_kwargs)
@@ -299,6 +314,22 @@ class SegCompass(nn.Module):
                 original_size=prep.original_size,
                 patch_boxes=boxes[b],
             ))
+        if fixes is None and temperature == 0 and (self.config.lm.repair if repair is None else repair) \
+                and naming_vocab(lang) is not None:
+            found = [find_fix(percept_from_states(lang, visual_states(b), boxes[b], preps[b].original_size), t.cot)
+                     for b, t in enumerate(traces)]
+            redo = [b for b, fix in enumerate(found) if fix is not None]
+            if redo:
+                if on_token is not None:
+                    for b in redo:
+                        on_token(b, REWRITE_MARK)
+                again = self._generate_traces(
+                    [preps[b] for b in redo], tokens[redo], feats[redo], [instructions[b] for b in redo],
+                    None if on_token is None else (lambda i, text: on_token(redo[i], text)), max_new_tokens, 0.0,
+                    None, edits, grounded, fixes=[found[b] for b in redo])
+                for b, trace in zip(redo, again):
+                    trace.repair = found[b].why
+                    traces[b] = trace
         return traces
 
     @torch.no_grad()

@@ -2,11 +2,13 @@
 
     python -m segcompass.predict --checkpoint DIR --image IMG --instruction TEXT --out mask.png [--json out.json]
         [--verify N]   # sample N more chains of thought, keep the one the image supports best
+        [--no-repair] [--no-ground-regions]   # the language model's own greedy CoT, as it wrote it
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also sample N chains of thought and keep the one whose claims the image supports best "
                              "(segcompass.verify; about N + 1 times the generation time)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of --verify")
+    parser.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                        help="rewrite a CoT whose decision the visual tokens contradict (segcompass.repair; "
+                             "default: as the checkpoint's config says)")
+    parser.add_argument("--ground-regions", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the CoT's places where the visual tokens see the objects (segcompass.grounding; "
+                             "default: as the checkpoint's config says)")
     args = parser.parse_args(argv)
     if args.verify < 0:
         parser.error("--verify must be >= 0")
@@ -42,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .model import SegCompass
+    from .repair import REWRITE_MARK
     from .vision import to_rgb_array
 
     try:
         model = SegCompass.from_pretrained(resolve_checkpoint(args.checkpoint))
+        switches = {k: v for k, v in (("repair", args.repair), ("ground_regions", args.ground_regions)) if v is not None}
+        if switches:
+            model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, **switches))
         image = to_rgb_array(args.image)
         candidates = None
         if args.verify:
@@ -56,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             trace, candidates = best_of(model, image, args.instruction, args.verify,
                                         generator=torch.Generator().manual_seed(args.seed))
         else:
-            on_token = (lambda s: print(s, end=" ", file=sys.stderr, flush=True)) if args.stream else None
+            on_token = (lambda s: print("\n[rewritten]" if s == REWRITE_MARK else s, end=" ", file=sys.stderr,
+                                        flush=True)) if args.stream else None
             trace = model.encode(image, args.instruction, on_token=on_token)
         pred = model.decode(trace)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
@@ -68,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in candidates:
             log.info("candidate (%s): %s", "unscored" if c["score"] is None else f"{c['score']:.2f}", c["cot"])
     log.info("cot: %s", trace.cot)
+    if trace.repair:
+        log.info("rewritten where the visual tokens contradicted the language model: %s", trace.repair)
     log.info("mask: %d pixels -> %s", int(pred.mask.sum()), args.out)
     if args.json:
         from .concepts import top_concepts
 
         record = {
-            "instruction": trace.instruction, "cot": trace.cot, "completion": trace.completion,
+            "instruction": trace.instruction, "cot": trace.cot, "completion": trace.completion, "repair": trace.repair,
             "reference_token_found": trace.ref_found,
             "slot_confidences": [round(float(c), 4) for c in pred.confidences],
             "kept_slots": pred.kept_slots, "mask_pixels": int(pred.mask.sum()),

@@ -94,6 +94,7 @@ class Trace:
     valid_hw: tuple[int, int]  # size of the resized image inside the padded model input
     original_size: tuple[int, int]  # (H, W)
     patch_boxes: torch.Tensor  # [Nv, 4] (x0, y0, x1, y1) of each visual token in original pixels
+    repair: str = ""  # why the CoT was written again (segcompass.repair; "" when it is the LM's own)
 
     def dense_codes(self) -> torch.Tensor:
         """[T, F] dense codes."""

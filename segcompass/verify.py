@@ -190,9 +190,9 @@ def support(p: Percept, claim: Claim) -> float:
     return float(torch.log1p(-torch.tensor(best).exp().clamp(max=1 - 1e-6)))
 
 
-_RELATION = re.compile(r"anchor : ([^.]*?) \. ([^.:]*?)\b(left of|right of|above|below|closest to|farthest from) it : "
+RELATION = re.compile(r"anchor : ([^.]*?) \. ([^.:]*?)\b(left of|right of|above|below|closest to|farthest from) it : "
                        r"([^.,]*?) \.")
-_AXIS = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}
+AXIS = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}
 RELATION_SCALE = 8.0  # pixels: an offset this far the right way is log sigmoid(1) = -0.31, as far the wrong way -1.31
 
 
@@ -202,19 +202,19 @@ def relation_support(p: Percept, cot: str, others: bool = True) -> float | None:
     (`seen_objects`), a sigmoid of its offset the other way (the answer is the only one so placed); for "closest to"
     / "farthest from" (checked only with `others`), a sigmoid of how much nearer / farther B is than each.
     None when the CoT states no relation. `others=False` is session 23's rule (directions only, B against A)."""
-    match = _RELATION.search(cot)
+    match = RELATION.search(cot)
     if match is None:
         return None
     anchor, target = claims(match.group(1)), claims(match.group(4))
     kind = match.group(3)
-    if not anchor or not target or (kind not in _AXIS and not others):
+    if not anchor or not target or (kind not in AXIS and not others):
         return None
     a, b = locate(p, anchor[0]), locate(p, target[0])
     seen = seen_objects(p) if others else []
-    named = (_same(seen, anchor[0], a), _same(seen, target[0], b))
-    rest = [torch.tensor(o.xy) for o in seen if _in_group(o, match.group(2)) and o not in named]
-    if kind in _AXIS:
-        axis, sign = _AXIS[kind]
+    named = (same_object(seen, anchor[0], a), same_object(seen, target[0], b))
+    rest = [torch.tensor(o.xy) for o in seen if in_group(o, match.group(2)) and o not in named]
+    if kind in AXIS:
+        axis, sign = AXIS[kind]
         beyond = [sign * float(b[axis] - a[axis])] + [-sign * float(o[axis] - a[axis]) for o in rest]
     else:
         sign = 1.0 if kind == "closest to" else -1.0
@@ -234,12 +234,15 @@ class Seen:
 
 
 SEEN_PROB = 0.9  # a token counts when it names its colour, shape and size with at least this joint probability
+SINGLE_PROB = 0.98  # ... and an object seen by one token only when that token is this sure (`seen_objects`)
 
 
-def seen_objects(p: Percept, min_prob: float = SEEN_PROB) -> list[Seen]:
+def seen_objects(p: Percept, min_prob: float = SEEN_PROB, single_prob: float | None = None) -> list[Seen]:
     """Every object the tokens see (shipped smol, val 0-59, at 0.9: 210 of 218 objects found, 38 extra, median
     centre error 6.8 px; `python -m bench.lens_naming`). Background tokens name some object weakly; `min_prob` keeps
-    them out."""
+    them out. Most extras are one token on an object's edge naming it wrong; `single_prob` (when given) is the
+    probability a lone token needs (segcompass.repair uses SINGLE_PROB: on val 0-299 it drops 141 of 156 one-token
+    extras and 22 of 180 one-token real objects)."""
     n = int(round(len(p.colour) ** 0.5))
     best = [g.max(-1) for g in (p.colour, p.shape, p.size)]
     joint = best[0].values + best[1].values + best[2].values
@@ -259,6 +262,8 @@ def seen_objects(p: Percept, min_prob: float = SEEN_PROB) -> list[Seen]:
                     done[v] = True
                     group.append(v)
                     stack.append(v)
+        if single_prob is not None and len(group) == 1 and float(joint[t]) < math.log(single_prob):
+            continue
         w = joint[group].exp()
         xy = (p.centres[group] * w[:, None]).sum(0) / w.sum()
         c, sh, z = ident[t]
@@ -266,11 +271,11 @@ def seen_objects(p: Percept, min_prob: float = SEEN_PROB) -> list[Seen]:
     return out
 
 
-_EXTREME_AXIS = {"leftmost": (0, -1.0), "rightmost": (0, 1.0), "highest": (1, -1.0), "lowest": (1, 1.0)}
+EXTREME_AXIS = {"leftmost": (0, -1.0), "rightmost": (0, 1.0), "highest": (1, -1.0), "lowest": (1, 1.0)}
 SAME_OBJECT = 32.0  # pixels (a token): the seen object nearest a named one, at most this far, is that object
 
 
-def _same(seen: list[Seen], claim: Claim, xy: torch.Tensor) -> Seen | None:
+def same_object(seen: list[Seen], claim: Claim, xy: torch.Tensor) -> Seen | None:
     """The seen object a CoT's named object is: of those with the named colour / shape / size (else of all), the
     nearest to where the tokens see the named object best, if within SAME_OBJECT."""
     def fits(o: Seen) -> bool:
@@ -280,7 +285,7 @@ def _same(seen: list[Seen], claim: Claim, xy: torch.Tensor) -> Seen | None:
     return near if near is not None and math.dist(near.xy, xy.tolist()) <= SAME_OBJECT else None
 
 
-def _in_group(obj: Seen, head: str) -> bool:
+def in_group(obj: Seen, head: str) -> bool:
     """Does a seen object belong to a plural group like "shapes", "red shapes", "small stars"?"""
     words = head.split()
     shape = next((w[:-1] for w in words if w[:-1] in SHAPES), None)
@@ -292,7 +297,7 @@ _RANKED = re.compile(r"(?:^|\. )([^.:]*?) : [^.]*? \. (leftmost|rightmost|highes
                      r"([^.,]*?) \.")
 
 
-def _ranked(cot: str) -> tuple[str, str, Claim] | None:
+def ranked_choice(cot: str) -> tuple[str, str, Claim] | None:
     """(group, kind, answer) of "stars : A at … , B at … . leftmost is the B ." (or largest / smallest); None when
     the CoT states no such choice or its answer names no object."""
     match = _RANKED.search(cot)
@@ -304,19 +309,19 @@ def _rivals(p: Percept, answer: Claim, group: str) -> tuple[torch.Tensor, Seen |
     """Where the tokens see the answer best, the seen object it is (if any), and every other seen member of `group`."""
     at = locate(p, answer)
     seen = seen_objects(p)
-    own = _same(seen, answer, at)
-    return at, own, [o for o in seen if _in_group(o, group) and o is not own]
+    own = same_object(seen, answer, at)
+    return at, own, [o for o in seen if in_group(o, group) and o is not own]
 
 
 def extreme_support(p: Percept, cot: str) -> float | None:
     """log P("stars : A at …, B at … . leftmost is the B" holds): for every other object of the group ("stars") the
     tokens see (`seen_objects`), a sigmoid of how far the answer lies beyond it along the named axis
     (RELATION_SCALE), the answer where the tokens see it best. None when the CoT states no extreme."""
-    ranked = _ranked(cot)
-    if ranked is None or ranked[1] not in _EXTREME_AXIS:
+    ranked = ranked_choice(cot)
+    if ranked is None or ranked[1] not in EXTREME_AXIS:
         return None
     group, kind, answer = ranked
-    axis, sign = _EXTREME_AXIS[kind]
+    axis, sign = EXTREME_AXIS[kind]
     at, _, others = _rivals(p, answer, group)
     if not others:
         return None
@@ -331,7 +336,7 @@ def superlative_support(p: Percept, cot: str) -> float | None:
     """log P("circles : … . smallest is the B" holds): for every other object of the group the tokens see, a sigmoid
     of how many size classes (small < medium < large) B is beyond it, B's class read where the tokens see B (the
     CoT's word if no object is seen there). Area is judged by class only: two of one class are a coin toss."""
-    ranked = _ranked(cot)
+    ranked = ranked_choice(cot)
     if ranked is None or ranked[1] not in ("largest", "smallest"):
         return None
     group, kind, answer = ranked

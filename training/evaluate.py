@@ -22,7 +22,7 @@ def resolve_split(data: str | Path, split: str | None) -> tuple[Path, str | None
 
 
 def predictions(model, samples, batch_size: int = 16):
-    """Yield (sample, Prediction or None) in order: encode in batches (`encode_batch`), decode each.
+    """Yield (sample, Trace or None, Prediction or None) in order: encode in batches (`encode_batch`), decode each.
     A batch that fails is redone one example at a time, so one bad example fails alone (None)."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
@@ -30,21 +30,25 @@ def predictions(model, samples, batch_size: int = 16):
             traces = model.encode_batch([s.load_image() for s in chunk], [s.texts[0] for s in chunk])
             preds = [model.decode(t) for t in traces]
         except (ValueError, RuntimeError):
-            preds = []
+            traces, preds = [], []
             for sample in chunk:
                 try:
-                    preds.append(model.decode(model.encode(sample.load_image(), sample.texts[0])))
+                    traces.append(model.encode(sample.load_image(), sample.texts[0]))
+                    preds.append(model.decode(traces[-1]))
                 except (ValueError, RuntimeError) as err:  # a failed prediction scores as an empty mask
                     log.warning("%s: prediction failed: %s", sample.name, err)
+                    traces += [None] * (len(preds) + 1 - len(traces))
                     preds.append(None)
-        yield from zip(chunk, preds)
+        yield from zip(chunk, traces, preds)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, limit: int | None = None,
              save_masks: str | Path | None = None, model=None, batch_size: int = 16, offset: int = 0,
-             ground_regions: bool = False) -> dict:
-    """Score a checkpoint on examples [offset, offset + limit) of a split; `ground_regions` switches on
-    segcompass.grounding in the model's in-memory config (a `model` passed in keeps it; nothing is written to disk)."""
+             ground_regions: bool | None = None, repair: bool | None = None, rows: str | Path | None = None) -> dict:
+    """Score a checkpoint on examples [offset, offset + limit) of a split. `ground_regions` / `repair` switch
+    segcompass.grounding / segcompass.repair on or off in the model's in-memory config (None: as the checkpoint
+    says; nothing is written to disk). `rows`: also write one JSON line per example (name, family, IoU, CoT, why
+    it was repaired) there, for paired comparisons."""
     import dataclasses
 
     from PIL import Image
@@ -57,8 +61,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
     model = model if model is not None else SegCompass.from_pretrained(checkpoint, device=default_device())
     model.eval()
-    if ground_regions:
-        model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, ground_regions=True))
+    switches = {k: v for k, v in (("ground_regions", ground_regions), ("repair", repair)) if v is not None}
+    if switches:
+        model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, **switches))
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)[offset:]
     if limit is not None:
@@ -68,28 +73,41 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     board = Scoreboard()
     failures = 0
     start = time.perf_counter()
-    for sample, prediction in tqdm(predictions(model, samples, batch_size), total=len(samples), desc="eval",
-                                   unit="ex"):
+    lines = None if rows is None else open_rows(rows)
+    for sample, trace, prediction in tqdm(predictions(model, samples, batch_size), total=len(samples), desc="eval",
+                                          unit="ex"):
         gt = sample.gt_mask()
         pred = None if prediction is None else prediction.mask
         failures += prediction is None
-        board.add(pred, gt, sample.family)
+        score = board.add(pred, gt, sample.family)
+        if lines is not None:
+            lines.write(json.dumps({"name": sample.name, "family": sample.family, "iou": score,
+                                    "cot": None if trace is None else trace.cot,
+                                    "repair": None if trace is None else trace.repair}) + "\n")
         if save_masks:
             out = np.zeros(gt.shape, np.uint8) if pred is None else pred.astype(np.uint8) * 255
             Image.fromarray(out).save(Path(save_masks) / f"{sample.name}.png")
+    if lines is not None:
+        lines.close()
     s = board.result()
     return {
         "checkpoint": str(checkpoint), "data": str(folder), "split": split, "head": model.config.head,
-        "offset": offset, "ground_regions": model.config.lm.ground_regions,
+        "offset": offset, "ground_regions": model.config.lm.ground_regions, "repair": model.config.lm.repair,
         "gIoU": s.giou, "cIoU": s.ciou, "N-acc": s.n_acc, "T-acc": s.t_acc, "count": s.count,
         "per_family_gIoU": s.per_family, "family_counts": s.family_counts, "failures": failures,
         "seconds": time.perf_counter() - start,
     }
 
 
+def open_rows(path: str | Path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")
+
+
 def run_eval(args) -> int:
     result = evaluate(args.checkpoint, args.data, args.split, args.limit, args.save_masks,
-                      batch_size=args.batch_size, offset=args.offset, ground_regions=args.ground_regions)
+                      batch_size=args.batch_size, offset=args.offset, ground_regions=args.ground_regions,
+                      repair=args.repair, rows=args.rows)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -124,8 +142,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", limi
     thresholds = thresholds if thresholds is not None else [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
     rules = [(t, top) for t in thresholds for top in [1.0] + ([u for u in thresholds if u < t] if top_slot else [])]
     boards = {rule: Scoreboard() for rule in rules}
-    for sample, pred in tqdm(predictions(model, samples, batch_size), total=len(samples),
-                             desc=f"calibrate on {split}", unit="ex"):
+    for sample, _, pred in tqdm(predictions(model, samples, batch_size), total=len(samples),
+                                desc=f"calibrate on {split}", unit="ex"):
         gt = sample.gt_mask()
         for rule in rules:
             mask = None if pred is None else pred.slot_masks[kept_slots(pred.confidences, *rule).numpy()].any(axis=0)
