@@ -145,3 +145,8 @@ class SegCompassConfig:
 
     def replace(self, **changes: Any) -> "SegCompassConfig":
         return dataclasses.replace(self, **changes)
+
+    def inference(self, ground_regions: bool | None = None, repair: bool | None = None) -> "SegCompassConfig":
+        """This config with the inference-time switches of the language model set (None keeps each as it is)."""
+        switches = {k: v for k, v in (("ground_regions", ground_regions), ("repair", repair)) if v is not None}
+        return self.replace(lm=dataclasses.replace(self.lm, **switches)) if switches else self

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -19,6 +18,16 @@ import numpy as np
 from .defaults import resolve_checkpoint
 
 log = logging.getLogger("segcompass.predict")
+
+
+def add_inference_switches(parser: argparse.ArgumentParser) -> None:
+    """--ground-regions / --repair (and their --no- forms); unset, each is as the checkpoint's config says."""
+    parser.add_argument("--ground-regions", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the CoT's places where the visual tokens see the objects (segcompass.grounding; "
+                             "default: as the checkpoint's config says)")
+    parser.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                        help="rewrite a CoT whose decision the visual tokens contradict (segcompass.repair; "
+                             "default: as the checkpoint's config says)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also sample N chains of thought and keep the one whose claims the image supports best "
                              "(segcompass.verify; about N + 1 times the generation time)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of --verify")
-    parser.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
-                        help="rewrite a CoT whose decision the visual tokens contradict (segcompass.repair; "
-                             "default: as the checkpoint's config says)")
-    parser.add_argument("--ground-regions", action=argparse.BooleanOptionalAction, default=None,
-                        help="write the CoT's places where the visual tokens see the objects (segcompass.grounding; "
-                             "default: as the checkpoint's config says)")
+    add_inference_switches(parser)
     args = parser.parse_args(argv)
     if args.verify < 0:
         parser.error("--verify must be >= 0")
@@ -55,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = SegCompass.from_pretrained(resolve_checkpoint(args.checkpoint))
-        switches = {k: v for k, v in (("repair", args.repair), ("ground_regions", args.ground_regions)) if v is not None}
-        if switches:
-            model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, **switches))
+        model.config = model.config.inference(args.ground_regions, args.repair)
         image = to_rgb_array(args.image)
         candidates = None
         if args.verify:

@@ -25,13 +25,14 @@ and needs a checkpoint trained with the naming loss; elsewhere it finds nothing 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from .grounding import described
 from .tokenizer import THINK_START
-from .verify import (COLOURS, COLUMNS, EXTREME_AXIS, RELATION, ROWS, SHAPES, SINGLE_PROB, SIZES, Claim, Percept, Seen,
-                     claims, in_group, locate, naming, ranked_choice, same_object, seen_objects)
+from .verify import (AXIS, COLOURS, COLUMNS, EXTREME_AXIS, RELATION, ROWS, SHAPES, SINGLE_PROB, SIZES, Claim, Percept,
+                     Seen, claims, in_group, locate, naming, ranked_choice, same_object, seen_objects)
 
 REWRITE_MARK = "\x00rewrite\x00"  # streamed (to `on_token`) before a rewritten CoT's tokens: what came before is void
 POSITION_MARGIN = 8.0  # px: a seen extreme / relation needs the runner-up this much behind (the data's tie rule)
@@ -121,17 +122,16 @@ def fix_relation(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     cands = [o for o in seen if in_group(o, group) and o is not a_own]
     if len(cands) < 2:
         return None
-    ax, ay = float(a_xy[0]), float(a_xy[1])
+    at = (float(a_xy[0]), float(a_xy[1]))
     if kind in ("closest to", "farthest from"):
         sign = 1.0 if kind == "closest to" else -1.0
-        dist = sorted(cands, key=lambda o: sign * ((o.xy[0] - ax) ** 2 + (o.xy[1] - ay) ** 2) ** 0.5)
-        d = [sign * ((o.xy[0] - ax) ** 2 + (o.xy[1] - ay) ** 2) ** 0.5 for o in dist[:2]]
-        if d[1] - d[0] < POSITION_MARGIN:
+        first, second = sorted(cands, key=lambda o: sign * math.dist(o.xy, at))[:2]
+        if sign * (math.dist(second.xy, at) - math.dist(first.xy, at)) < POSITION_MARGIN:
             return None
-        best = dist[0]
+        best = first
     else:
-        axis, sign = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}[kind]
-        offsets = [(o, sign * (o.xy[axis] - (ax, ay)[axis])) for o in cands]
+        axis, sign = AXIS[kind]
+        offsets = [(o, sign * (o.xy[axis] - at[axis])) for o in cands]
         hits = [o for o, off in offsets if off > 0]
         if len(hits) != 1 or any(abs(off) < POSITION_MARGIN for _, off in offsets):
             return None

@@ -376,3 +376,31 @@ def test_verify_keeps_the_best_supported_cot_and_lists_every_candidate(explorer,
     new = out[0]
     assert new is not s and new.trace is other and new.edits == [] and out[2] == (other.cot or other.completion)
     assert "replaced" in out[1] and "another" in out[-1] and "sample 1 ✓ kept" in out[-1]
+
+
+def test_add_streamed_restarts_the_cot_at_a_rewrite_mark():
+    from app.session import add_streamed
+    from segcompass.repair import REWRITE_MARK
+
+    streamed: list[str] = []
+    assert add_streamed(streamed, ["shapes", ":", "<eos>"], word_level=True) is False
+    assert streamed == ["shapes ", ": "]
+    assert add_streamed(streamed, ["anchor", REWRITE_MARK, "stars", ":"], word_level=True) is True
+    assert streamed == ["stars ", ": "]
+
+
+def test_run_shows_a_rewritten_cot_and_the_checkbox_turns_it_off(tmp_path):
+    """On the trained tiny checkpoint "find the leftmost object" on example 01 is rewritten (tests/test_repair.py):
+    the stream restarts, the status says why, and with the checkbox off the language model's own CoT stays."""
+    from segcompass.model import SegCompass
+
+    model = SegCompass.from_pretrained("assets/checkpoints/tiny")
+    ex = Explorer(model, LabelStore(tmp_path / "labels.sqlite"), "tiny", "assets/checkpoints/tiny", [])
+    image = "assets/examples/shapeworld_01.jpg"
+    outs = list(ex.run(image, "find the leftmost object", None, True))
+    s = outs[-1][0]
+    assert s.trace.repair and f"rewritten: {s.trace.repair}" in outs[-1][1]
+    assert any(str(o[1]).startswith("The visual tokens contradict the decision") for o in outs[1:-1])
+    assert outs[-1][2] == s.trace.cot
+    plain = list(ex.run(image, "find the leftmost object", None, False))[-1]
+    assert plain[0].trace.repair == "" and "rewritten" not in plain[1] and plain[2] != s.trace.cot

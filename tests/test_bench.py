@@ -251,6 +251,8 @@ def test_lens_naming_reads_the_tiny_checkpoints_visual_tokens(data, capsys):
     assert report["labelled_tokens"] > 0 and report["background_tokens"] > 0
     assert all(0.0 <= a <= 1.0 for a in report["accuracy_colour_shape_size"])
     assert report["objects"] > 0 and 0 <= report["seen_found"] <= report["objects"] and report["seen_extra"] >= 0
+    found, extra = report["seen_found_extra_lone_token_at_0.98"]  # the stricter rule only drops objects
+    assert found <= report["seen_found"] and extra <= report["seen_extra"]
 
 
 def test_match_seen_pairs_each_object_with_one_nearby_seen_object_of_its_kind():
@@ -293,3 +295,27 @@ def test_knowledge_compare_pairs_two_reports_example_by_example():
     assert out["ci95"][0] <= out["paired_gain_b_minus_a"] <= out["ci95"][1]
     with pytest.raises(ValueError):
         compare(a, report([0.1], ["so the blue hexagon ."]))
+
+
+def test_paired_compares_two_eval_row_files_example_by_example(tmp_path, capsys):
+    from bench.paired import main
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows_a = [{"name": f"x{i}", "family": "relation" if i < 2 else "none", "iou": v, "cot": "c", "repair": ""}
+              for i, v in enumerate([0.0, 0.5, 1.0, 1.0])]
+    rows_b = [dict(r) for r in rows_a]
+    rows_b[0].update(iou=1.0, cot="d", repair="the tokens see it")
+    rows_b.append({"name": "only-in-b", "family": "none", "iou": 0.0})  # not paired: left out
+    a.write_text("\n".join(json.dumps(r) for r in rows_a) + "\n")
+    b.write_text("\n".join(json.dumps(r) for r in reversed(rows_b)) + "\n")  # matched by name, not order
+    out = main([str(a), str(b)])
+    assert out == json.loads(capsys.readouterr().out)
+    assert out["examples"] == 4 and out["A"] == 0.625 and out["B"] == 0.875 and out["B_minus_A"] == 0.25
+    assert out["cot_changed"] == 1 and out["repaired_in_B"] == 1
+    low, high = out["B_minus_A_95ci"]
+    assert 0.0 <= low <= 0.25 <= high <= 1.0
+    assert out["families"]["relation"]["A"] == 0.25 and out["families"]["relation"]["B"] == 0.75
+    assert out["families"]["none"]["B_minus_A_95ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="share no example"):
+        from bench.paired import compare
+        compare({"p": rows_a[0]}, {"q": rows_a[1]})

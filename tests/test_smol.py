@@ -242,8 +242,11 @@ def test_the_shipped_smol_checkpoint_is_small_fp16_scored_and_predicts(scene):
     assert any("lora_A" in n for n in names)
     assert dtypes <= {"F16", "I64"}, dtypes
     assert measured_giou(folder) is not None
-    assert json.loads((folder / "eval_test.json").read_text())["count"] == 500
+    recorded = json.loads((folder / "eval_test.json").read_text())
+    assert recorded["count"] == 500
     model = SegCompass.from_pretrained(folder).eval()
+    # the recorded score is of the model as it ships: the same inference switches
+    assert (recorded["repair"], recorded["ground_regions"]) == (model.config.lm.repair, model.config.lm.ground_regions)
     trace = model.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
     pred = model.decode(trace)
     assert pred.mask.shape == scene.shape[:2] and len(pred.confidences) == model.config.codebook.num_slots

@@ -275,6 +275,16 @@ def test_eval_command_scores_a_generated_folder(data, sft_run, tmp_path, capsys)
                  "--ground-regions"]) == 0
     sliced = json.loads(capsys.readouterr().out)
     assert sliced["count"] == 1 and sliced["offset"] == 2 and sliced["ground_regions"] is True
+    # repair on, and one JSON line per example for paired comparisons (bench.paired)
+    rows = tmp_path / "rows.jsonl"
+    assert main(["eval", "--checkpoint", str(run / "model"), "--data", str(data / "test"), "--repair",
+                 "--no-ground-regions", "--rows", str(rows)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["repair"] is True and result["ground_regions"] is False
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(lines) == result["count"] == 3
+    assert {"name", "family", "iou", "cot", "repair"} <= set(lines[0])
+    assert abs(sum(r["iou"] for r in lines) / 3 - result["gIoU"]) < 1e-9
 
 
 def test_calibrate_picks_a_threshold_on_a_held_out_split_and_writes_it(data, sft_run, tmp_path, capsys):

@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from segcompass.predict import add_inference_switches
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
@@ -47,12 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=None, help="split sub-folder (default test when DIR holds splits)")
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--offset", type=int, default=0, help="skip this many examples of the split first")
-    e.add_argument("--ground-regions", action=argparse.BooleanOptionalAction, default=None,
-                   help="write the CoT's region words where the visual tokens see the object (segcompass.grounding; "
-                        "default: as the checkpoint's config says)")
-    e.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
-                   help="write a greedy CoT again where its decision contradicts the visual tokens "
-                        "(segcompass.repair; default: as the checkpoint's config says)")
+    add_inference_switches(e)
     e.add_argument("--rows", default=None, help="also write one JSON line per example (name, family, IoU, CoT) here")
     e.add_argument("--out", default=None, help="also write the JSON here")
     e.add_argument("--save-masks", default=None, help="write each predicted mask as NAME.png here")

@@ -49,8 +49,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
     segcompass.grounding / segcompass.repair on or off in the model's in-memory config (None: as the checkpoint
     says; nothing is written to disk). `rows`: also write one JSON line per example (name, family, IoU, CoT, why
     it was repaired) there, for paired comparisons."""
-    import dataclasses
-
     from PIL import Image
     from tqdm import tqdm
 
@@ -61,9 +59,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
 
     model = model if model is not None else SegCompass.from_pretrained(checkpoint, device=default_device())
     model.eval()
-    switches = {k: v for k, v in (("ground_regions", ground_regions), ("repair", repair)) if v is not None}
-    if switches:
-        model.config = model.config.replace(lm=dataclasses.replace(model.config.lm, **switches))
+    model.config = model.config.inference(ground_regions, repair)
     folder, split = resolve_split(data, split)
     samples = load_reasonseg(folder, split)[offset:]
     if limit is not None:
