@@ -1,6 +1,6 @@
 """Explorer latency (a benchmark, not a test):
 
-    python -m bench.bench_app [--checkpoint DIR] [--n 30] [--threads 1] [--no-api] [--browser]
+    python -m bench.bench_app [--checkpoint DIR] [--n 30] [--threads 1] [--no-api] [--browser] [--no-repair]
 
 On the bundled examples, measures
 - time to first CoT token (encode, from the call to the first streamed token),
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segcompass.predict import add_inference_switches
+
 
 def pct(times: list[float]) -> str:
     a = np.array(times) * 1000
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-api", action="store_true", help="skip the served-app measurements")
     parser.add_argument("--browser", action="store_true", help="also measure click-to-mask in headless Chromium")
+    add_inference_switches(parser)
     args = parser.parse_args(argv)
     for key, value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"),
                        ("NO_PROXY", "127.0.0.1,localhost")):
@@ -66,9 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         note = " (no shipped checkpoint: UNTRAINED tiny)"
     ex = load_explorer(folder, tmp / "labels.sqlite")
     model = ex.model
+    model.config = model.config.inference(args.ground_regions, args.repair)
     examples = load_examples()
     print(f"checkpoint {folder}{note}; preset {model.config.preset}; torch threads {torch.get_num_threads()}; "
-          f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}; ground_regions {model.config.lm.ground_regions}, "
+          f"repair {model.config.lm.repair}")
 
     first, runs, toggles, decodes = [], [], [], []
     sessions = []

@@ -7,20 +7,24 @@ and its visual tokens see the scene well (through the naming loss's logit lens, 
 greedy CoT's relation answers are right a third of the time. `repair` reads the decision a greedy CoT states, in
 ShapeWorld's CoT grammar, and checks it against the seen objects:
 
-    ranked    "GROUP : A at … , B at … . KIND is the A . answer : A ."    (leftmost … lowest, largest / smallest)
-    relation  "anchor : X at … . GROUP KIND it : A . answer : A ."       (left of … below, closest to, farthest from)
-    absence   "there is no X . answer : none ."   vs   "looking for the X . found it in the … . answer : A ."
+    fix_ranked     "GROUP : A at … , B at … . KIND is the A . answer : A ."   (leftmost … lowest, largest / smallest)
+    fix_relation   "anchor : X at … . GROUP KIND it : A . answer : A ."      (left of … below, closest / farthest)
+    fix_region     "looking for the X in the R C . only the A is there ."
+    fix_absence    "there is no X . answer : none ."   vs   "looking for the X . found it in the … . answer : A ."
+    fix_described  "looking for the X . found it … answer : A ."  /  "… so the X . answer : A ."
+    fix_negation   "stars : red , blue . not red : the blue star . answer : A ."
 
-When the seen objects settle the decision clearly (`Fix`'s margins) and it is not the CoT's, `Fix` says how to write
-the CoT again: its start up to the decision as the LM wrote it (with the seen answer in place of the LM's), then the
-LM continues, the seen answer forced wherever the grammar restates it ("is the", "it :", "answer :"). The second
-generation goes through the LM like the first (`SegCompass._generate_traces`), so the trace's states, SAE codes and
-masks are those of the CoT shown. What the LM decides that the tokens cannot check (negation, knowledge, multi,
-"only the X is there") stays the LM's; so does any decision the seen objects leave open (two objects within the
-margin, fewer than two in the group).
+When the seen objects settle the decision clearly (8 px, one size class) and it is not the CoT's, a `Fix` says how
+to write the CoT again: its start up to the decision as the LM wrote it (with the seen answer in place of the LM's),
+then the LM writes on, the seen answer forced wherever the grammar restates it ("is the", "it :", "answer :";
+`FixSteer`). The second generation goes through the LM like the first (`SegCompass._generate_traces`), so the
+trace's states, SAE codes and masks are those of the CoT shown. What the tokens cannot check stays the LM's: which
+facts a knowledge query means, multi lists, which of two shapes of one size class is larger, and any decision the
+seen objects leave open (two objects within the margin, fewer than two in the group).
 
-Inference only, no parameters: `LMConfig.repair` switches it on for a checkpoint. It reads ShapeWorld's CoT grammar
-and needs a checkpoint trained with the naming loss; elsewhere it finds nothing to check and changes nothing.
+Inference only, no parameters: `LMConfig.repair` switches it on for a checkpoint (on for the shipped smol since
+session 26: test gIoU 0.623 -> 0.793 with the same weights, docs/results.md). It reads ShapeWorld's CoT grammar and
+needs a checkpoint trained with the naming loss; elsewhere it finds nothing to check and changes nothing.
 """
 
 from __future__ import annotations
