@@ -132,6 +132,32 @@ def test_one_training_step_reaches_lora_token_rows_and_heads_not_the_frozen_trun
     smol.zero_grad(set_to_none=True)
 
 
+def test_head_rows_match_the_merged_head_without_building_it(smol):
+    """`language.head_rows` (the logit lens's word rows) equals peft's merged `head.weight[ids]` for ordinary and
+    new special tokens, with the adapters on, off and merged, and passes the gradient to the token deltas."""
+    from segcompass.language import head_rows
+    from segcompass.smol import merge_adapters, unmerge_adapters
+
+    lm = smol.language.lm
+    head = lm.get_output_embeddings()
+    new = smol.language.ref_id
+    ids = torch.tensor([5, new, 1200, smol.language.image_id, 5])
+    assert torch.equal(head_rows(head, ids), head.weight[ids])
+    assert not torch.equal(head_rows(head, ids)[1], head.token_adapter.base_layer.weight[new])  # the delta is read
+    with lm.disable_adapter():
+        assert torch.equal(head_rows(head, ids), head.weight[ids])
+    assert merge_adapters(smol)
+    try:
+        assert torch.equal(head_rows(head, ids), head.weight[ids])
+    finally:
+        assert unmerge_adapters(smol)
+    delta = head.token_adapter.trainable_tokens_delta["default"]
+    with torch.enable_grad():
+        head_rows(head, ids).sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    delta.grad = None
+
+
 def test_merged_adapters_generate_the_same_and_unmerge_restores(smol, scene):
     from segcompass.smol import merge_adapters, unmerge_adapters
 
