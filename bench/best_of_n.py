@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from bench.diagnose_cot import answer_phrase
+from bench.paired import interval
 from segcompass.verify import Percept, choose, perceive, sample_traces, verify
 
 
@@ -58,11 +59,8 @@ def summarise(rows: list[dict], n: int, seed: int = 0) -> dict:
     out = {}
     for k in range(1, n + 1):
         scores = {rule: np.array([select(r["cands"][:k + 1], rule)["iou"] for r in rows]) for rule in RULES}
-        diff = scores["verified"] - scores["greedy"]
-        rng = np.random.default_rng(seed)
-        boot = [float(diff[rng.integers(0, len(diff), len(diff))].mean()) for _ in range(2000)]
         out[f"n={k}"] = {**{rule: round(float(v.mean()), 3) for rule, v in scores.items()},
-                         "verified_minus_greedy_95ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])]}
+                         "verified_minus_greedy_95ci": interval(scores["verified"] - scores["greedy"], 2000, seed)}
     families = defaultdict(list)
     for r in rows:
         families[r["family"] or "?"].append([select(r["cands"], rule)["iou"]

@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from bench.knowledge_unseen import attributes, conclusion
+from bench.paired import interval
 from segcompass.verify import COLOURS
 
 
@@ -34,15 +35,13 @@ def compare(a: dict, b: dict, resamples: int = 10000) -> dict:
     if sorted(rb) != names:
         raise ValueError("the two reports cover different examples")
     diff = np.array([rb[n]["unseen"]["iou"] - ra[n]["unseen"]["iou"] for n in names])
-    rng = np.random.default_rng(0)
-    boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
     out = {"count": len(names)}
     for tag, rows, rep in (("a", ra, a), ("b", rb, b)):
         c, s = recovered(rows, names)
         out[tag] = {"checkpoint": rep.get("checkpoint"), "gIoU_unseen": round(float(np.mean([rows[n]["unseen"]["iou"]
                     for n in names])), 3), "colour_recovered": round(c, 3), "shape_recovered": round(s, 3)}
     out["paired_gain_b_minus_a"] = round(float(diff.mean()), 3)
-    out["ci95"] = [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])]
+    out["ci95"] = interval(diff, resamples)
     return out
 
 

@@ -45,10 +45,16 @@ def described(text: str) -> tuple[str | None, str | None, str | None]:
     return pick(COLOURS), pick(SHAPES), pick(SIZES)
 
 
+def spaced(text: str) -> str:
+    """The text with ". , :" as words of their own and single spaces: "found it in the top left." ->
+    "found it in the top left .", how ShapeWorld's CoT grammar is matched."""
+    return " ".join(text.replace(".", " . ").replace(",", " , ").replace(":", " : ").split())
+
+
 def target(text: str) -> tuple[str | None, str | None, str | None] | None:
     """The (colour, shape, size) whose place the next words state, if `text` (a CoT so far) ends where it
     states one; None otherwise or when the description says nothing the visual tokens name."""
-    text = " ".join(text.replace(".", " . ").replace(",", " , ").replace(":", " : ").split())
+    text = spaced(text)
     match = _AT.search(text) or _FOUND.search(text)
     if match is None:
         return None

@@ -33,7 +33,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .grounding import described
+from .grounding import described, spaced
 from .tokenizer import THINK_START
 from .verify import (AXIS, COLOURS, COLUMNS, EXTREME_AXIS, RELATION, ROWS, SHAPES, SINGLE_PROB, SIZES, Claim, Percept,
                      Seen, claims, in_group, locate, naming, ranked_choice, same_object, seen_objects)
@@ -70,8 +70,9 @@ def _fits(o: Seen, colour: str | None, shape: str | None, size: str | None) -> b
     return shape in (None, o.shape) and colour in (None, o.colour) and size in (None, o.size)
 
 
-def _words(cot: str) -> str:
-    return " ".join(cot.replace(".", " . ").replace(",", " , ").replace(":", " : ").split())
+def _seen_as(p: Percept, seen: list[Seen], claim: Claim) -> Seen | None:
+    """The seen object a CoT's named object is, where the tokens see it best (`verify.same_object`)."""
+    return same_object(seen, claim, locate(p, claim))
 
 
 def with_named(p: Percept, seen: list[Seen], named: list[Claim]) -> list[Seen]:
@@ -105,7 +106,7 @@ def fix_ranked(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
         sign = 1.0 if kind == "largest" else -1.0
         key, margin = (lambda o: sign * SIZES.index(o.size)), 1.0
     first, second = sorted(members, key=key, reverse=True)[:2]
-    if key(first) - key(second) < margin or same_object(seen, answer, locate(p, answer)) is first:
+    if key(first) - key(second) < margin or _seen_as(p, seen, answer) is first:
         return None
     return Fix(f"{group} : {name(first)} at", name(first),
                f"{kind} of the {group} the visual tokens see: the {name(first)} at {_at(first)}")
@@ -140,7 +141,7 @@ def fix_relation(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
         if len(hits) != 1 or any(abs(off) < POSITION_MARGIN for _, off in offsets):
             return None
         best = hits[0]
-    if target and same_object(seen, target[0], locate(p, target[0])) is best:
+    if target and _seen_as(p, seen, target[0]) is best:
         return None
     return Fix(cot[:match.start(4)].rstrip(), name(best),
                f"the {group or 'shape'} {kind} the {match.group(1).split(' at ')[0]} the visual tokens see: "
@@ -153,7 +154,7 @@ _LOOKING = re.compile(r"^looking for (?:the |a |an )?([^.]*?) \. found it in the
 
 def fix_absence(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     """"there is no X" while the tokens see an X, or "looking for the X . found it" while no token names an X."""
-    text = _words(cot)
+    text = spaced(cot)
     if (match := _NONE.search(text)) is not None:
         wanted = described(match.group(1))
         if wanted[1] is None or (wanted[0] is None and wanted[2] is None):
@@ -183,7 +184,7 @@ _DESCRIBED = re.compile(r"^(.*?(?:looking for (?:the |a |an )?([^.]*?) \. found 
 
 def fix_described(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     """"looking for the X . found it … answer : A" / "… so the X . answer : A": the one seen X, if A is not it."""
-    match = _DESCRIBED.search(_words(cot))
+    match = _DESCRIBED.search(spaced(cot))
     if match is None:
         return None
     wanted = described(match.group(2) or match.group(3))
@@ -192,7 +193,7 @@ def fix_described(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
         return None
     seen = with_named(p, seen, answer)
     hits = [o for o in seen if _fits(o, *wanted)]
-    if len(hits) != 1 or same_object(seen, answer[0], locate(p, answer[0])) is hits[0]:
+    if len(hits) != 1 or _seen_as(p, seen, answer[0]) is hits[0]:
         return None
     return Fix(match.group(1), name(hits[0]),
                f"the one {match.group(2) or match.group(3)} the visual tokens see: the {name(hits[0])} at {_at(hits[0])}")
@@ -204,7 +205,7 @@ _NEGATION = re.compile(r"^(([^.:]*?) : [^.]*? \. not (?:a |an )?([a-z]+) :) [^.]
 def fix_negation(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     """"stars : red , blue . not red : the blue star . answer : A": the one seen member of the group without the
     negated colour / size / shape, if A is not it."""
-    match = _NEGATION.search(_words(cot))
+    match = _NEGATION.search(spaced(cot))
     if match is None:
         return None
     head, value, answer = match.group(2), match.group(3), claims(match.group(4))
@@ -214,7 +215,7 @@ def fix_negation(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     seen = with_named(p, seen, answer)
     members = [o for o in seen if in_group(o, head)]
     lacking = [o for o in members if getattr(o, slot) != value]
-    if len(members) < 2 or len(lacking) != 1 or same_object(seen, answer[0], locate(p, answer[0])) is lacking[0]:
+    if len(members) < 2 or len(lacking) != 1 or _seen_as(p, seen, answer[0]) is lacking[0]:
         return None
     o = lacking[0]
     said = f"{o.colour} {o.shape}" if slot == "shape" else f"{getattr(o, slot)} {o.shape}"
@@ -236,7 +237,7 @@ def _inside(p: Percept, xy: tuple[float, float], row: int, col: int, margin: flo
 
 def fix_region(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     """"looking for the X in the R C . only the A is there": the one seen X in that third, if A is clearly not in it."""
-    match = _REGION.search(_words(cot))
+    match = _REGION.search(spaced(cot))
     if match is None:
         return None
     wanted = described(match.group(2))
@@ -244,7 +245,7 @@ def fix_region(p: Percept, cot: str, seen: list[Seen]) -> Fix | None:
     answer = claims(match.group(5))
     seen = with_named(p, seen, answer)
     inside = [o for o in seen if _fits(o, *wanted) and _inside(p, o.xy, row, col, 0.0)]
-    own = same_object(seen, answer[0], locate(p, answer[0])) if answer else None
+    own = _seen_as(p, seen, answer[0]) if answer else None
     if len(inside) != 1 or own is inside[0] or (own is not None and _inside(p, own.xy, row, col, -POSITION_MARGIN)):
         return None
     return Fix(f"{match.group(1)} only the {name(inside[0])} is there . answer :", name(inside[0]),
@@ -287,5 +288,5 @@ class FixSteer:
             return self.queue[b].pop(0)
         if not completion_ids:
             return self._force(b, f"{THINK_START} {fix.prefix}")
-        text = _words(self.tokenizer.decode(completion_ids, skip_special_tokens=True))
+        text = spaced(self.tokenizer.decode(completion_ids, skip_special_tokens=True))
         return self._force(b, " " + fix.answer) if fix.answer and _RESTATED.search(text) else None
