@@ -102,8 +102,21 @@ class BoxTextHead(nn.Module):
     def __init__(self, tokenizer, num_slots: int, image_size: int):
         super().__init__()
         self.K, self.image_size = num_slots, image_size
-        vocab = tokenizer.get_vocab()
-        self.id_to_word = {i: w for w, i in vocab.items()}
+        # the completion is decoded to text and split on spaces: a byte-level BPE (smol) writes "box : 12" as
+        # 'Ġbox', 'Ġ:', 'Ġ', '1', '2', which no vocabulary lookup reads as words
+        self.tokenizer = tokenizer
+
+    def words(self, ids: list[int]) -> list[str]:
+        """The words of a completion: its text split on spaces, special tokens (`</think>`, which BPE writes
+        without a space before it) as separators."""
+        special, words, run = set(self.tokenizer.all_special_ids), [], []
+        for t in ids + [None]:
+            if t is None or t in special:
+                words += self.tokenizer.decode(run).split() if run else []
+                run = []
+            else:
+                run.append(t)
+        return words
 
     def boxes(self, ids_BT: torch.Tensor, prompt_lengths_B: torch.Tensor, attention_mask_BT=None):
         """Pixel boxes [B, K, 4] (model-input frame) and which slots have one [B, K] bool."""
@@ -115,7 +128,7 @@ class BoxTextHead(nn.Module):
             ids = ids_BT[b, int(prompt_lengths_B[b]):]
             if attention_mask_BT is not None:
                 ids = ids[attention_mask_BT[b, int(prompt_lengths_B[b]):].bool()]
-            words = [self.id_to_word.get(int(t), "") for t in ids]
+            words = self.words(ids.tolist())
             for k, (x0, y0, x1, y1) in enumerate(parse_boxes(words, self.K)):
                 boxes[b, k] = torch.tensor([x0 * cell, y0 * cell, (x1 + 1) * cell, (y1 + 1) * cell])
                 has[b, k] = True

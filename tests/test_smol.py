@@ -276,3 +276,18 @@ def test_the_shipped_smol_checkpoint_is_small_fp16_scored_and_predicts(scene):
     trace = model.encode(scene, "the red circle", max_new_tokens=MAX_NEW)
     pred = model.decode(trace)
     assert pred.mask.shape == scene.shape[:2] and len(pred.confidences) == model.config.codebook.num_slots
+
+
+def test_box_text_reads_boxes_written_by_smols_tokenizer(smol):
+    """The box_text baseline parses boxes from SmolLM2's byte-level BPE (which writes "box : 12" as 'Ġbox', 'Ġ:',
+    'Ġ', '1', '2' and puts `</think>` against the last number) exactly as a training target writes them."""
+    from segcompass.baselines import GRID, BoxTextHead
+
+    tok = smol.tokenizer
+    head = BoxTextHead(tok, num_slots=3, image_size=256)
+    ids = tok.encode("the red circle . box : 12 3 30 7 box : 0 31 5 9 </think>", add_special_tokens=False)
+    boxes, has = head.boxes(torch.tensor([ids]), torch.tensor([0]))
+    cell = 256 / GRID
+    assert has.tolist() == [[True, True, False]]
+    assert boxes[0, 0].tolist() == [12 * cell, 3 * cell, 31 * cell, 8 * cell]
+    assert boxes[0, 1].tolist() == [0, 9 * cell, 6 * cell, 32 * cell]  # corners sorted

@@ -165,8 +165,18 @@ def test_sft_init_trains_a_checkpoint_further_and_checks_the_head(data, sft_run,
     assert not torch.equal(more.codebook.W_cb.weight, start.codebook.W_cb.weight)
     assert torch.equal(more.sae.W_enc, start.sae.W_enc)  # SFT never trains the SAE
     assert "SFT from the weights of" in (tmp_path / "more" / "sft.log").read_text()
-    with pytest.raises(ValueError, match="pass --head segcompass"):
-        main(base + ["--run", str(tmp_path / "bad"), "--head", "latent_query"])
+    # an explicit --head swaps in a fresh readout of that kind (a baseline trained on from the same model) ...
+    assert main(base + ["--run", str(tmp_path / "box"), "--set", "steps=2", "--head", "box_text"]) == 0
+    box = SegCompass.from_pretrained(tmp_path / "box" / "model")
+    assert box.config.head == "box_text" and type(box.baseline).__name__ == "BoxTextHead"
+    assert torch.equal(box.codebook.W_cb.weight, start.codebook.W_cb.weight)  # unused by the baseline: frozen
+    assert not torch.equal(box.language.lm.get_input_embeddings().weight,  # the language model learns to write boxes
+                           start.language.lm.get_input_embeddings().weight)
+    assert "head swapped" in (tmp_path / "box" / "sft.log").read_text()
+    # ... while a checkpoint of another head, without --head, is refused rather than silently re-headed
+    with pytest.raises(ValueError, match="pass --head box_text"):
+        main(["sft", "--preset", "smoke", "--data", str(data), "--init", str(tmp_path / "box" / "model"),
+              "--run", str(tmp_path / "bad")])
 
 
 @pytest.fixture(scope="module")

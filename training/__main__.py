@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "sft":
         if args.head:
             overrides["head"] = args.head
+            if args.init:  # an explicit head for a checkpoint: swap it in if the checkpoint has another
+                overrides["swap_head"] = True
         for key, value in (("preset", args.model), ("lm_path", args.lm_path), ("sam_path", args.sam_path)):
             if value:
                 overrides[key] = value

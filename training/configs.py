@@ -20,6 +20,9 @@ class SFTConfig:
     lm_path: str | None = None  # full scale: local VLM folder (sets lm.path of the model config)
     sam_path: str | None = None  # full scale: local SAM folder in SamModel format (sets mask.sam_path)
     head: str = "segcompass"  # "segcompass" | "latent_query" | "box_text"
+    # with an init checkpoint of another head: give it a fresh `head` readout (training.heads) instead of refusing;
+    # `sft --init CKPT --head KIND` sets it (a baseline trained on from the same model)
+    swap_head: bool = False
     data: str = "data/shapeworld"
     split: str = "train"
     limit: int | None = None  # use only the first N examples

@@ -25,6 +25,7 @@ from segcompass.records import TokenRole
 from .common import MODEL_DIR, Batches, Clock, default_device, load_state, resume_state, seed_everything, setup_run
 from .configs import RefitConfig, save_config
 from .examples import Example, collate, load_examples, pack_reference
+from .heads import swap_head
 from .losses import stage_seg_losses
 from .loop import train_loop
 from .parts import with_runnable_precision
@@ -49,27 +50,6 @@ def trained_modules(model) -> list[torch.nn.Module]:
     heads = [model.mask_decoder, model.vision.neck]
     heads += [model.codebook, model.slot_mapper] if model.baseline is None else [model.baseline]
     return heads
-
-
-def swap_head(model, head: str):
-    """Give `model` a fresh readout head on the same language model, vision encoder and mask decoder (a readout
-    comparison on one frozen LM): "segcompass" = new codebook and slot mapper, "latent_query" = a new LISA-style
-    head. Not "box_text": its readout is text that the frozen language model would have to learn to write."""
-    from segcompass.baselines import build_head
-    from segcompass.codebook import QueryCodebook
-    from segcompass.slot_mapper import SlotMapper
-
-    if head == "box_text":
-        raise ValueError("refit cannot swap in box_text: its boxes are text the frozen language model would have to write")
-    config = model.config.replace(head=head)
-    width, device = model.language.lm.config.hidden_size, model._device()
-    baseline = build_head(config, model.tokenizer, width)
-    model.baseline = None if baseline is None else baseline.to(device)
-    if head == "segcompass":
-        model.codebook = QueryCodebook(config.sae.d_sae, config.codebook).to(device)
-        model.slot_mapper = SlotMapper(config.codebook.dim, width, config.mask.dim, config.mask.heatmap_heads).to(device)
-    model.config = config
-    return model
 
 
 COT_SOURCES = ("reference", "generated")
@@ -195,6 +175,9 @@ def run_refit(cfg: RefitConfig, init: str | Path, run_dir: str | Path, resume: b
     from segcompass.model import SegCompass
 
     check_cot(cfg.cot)  # before any model loads
+    if cfg.head == "box_text":
+        raise ValueError("refit cannot swap in box_text: its boxes are text the frozen language model would "
+                         "have to write (use `sft --init CKPT --head box_text`)")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"refit mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     run = setup_run(run_dir, "refit")

@@ -19,6 +19,7 @@ from segcompass.verify import naming_vocab
 from .common import MODEL_DIR, Batches, Clock, load_state, resume_state, seed_everything, setup_run
 from .configs import SFTConfig, model_config, save_config
 from .examples import Batch, collate, corpus, load_examples, packed_reference
+from .heads import swap_head
 from .losses import stage_seg_losses
 from .loop import train_loop
 from .parts import (attention_kernel, cast_external_language, freeze_unused, param_groups, set_trainable,
@@ -153,7 +154,8 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
 
     `init`: start from this checkpoint's weights (e.g. a shipped one, to train it further) instead of a
     fresh model, with a fresh optimizer and schedule; its model config (preset, head, tokenizer) is
-    used, so cfg.preset / lm_path / sam_path are ignored and cfg.head must match."""
+    used, so cfg.preset / lm_path / sam_path are ignored and cfg.head must match (or, with cfg.swap_head,
+    replaces the checkpoint's readout: a baseline head on the same trained model, training.heads)."""
     from accelerate import Accelerator
 
     from segcompass.build import build_model
@@ -171,10 +173,13 @@ def run_sft(cfg: SFTConfig, run_dir: str | Path, resume: bool = True, examples=N
         log.info("resuming SFT from step %d", state["step"])
     elif init is not None:
         model = SegCompass.from_pretrained(init)
-        if model.config.head != cfg.head:
+        if model.config.head != cfg.head and not cfg.swap_head:
             raise ValueError(f"--init {init} is a {model.config.head} model but the SFT head is {cfg.head}: "
-                             f"pass --head {model.config.head}")
+                             f"pass --head {model.config.head}, or --head {cfg.head} to swap in a fresh one")
         log.info("SFT from the weights of %s (%s preset)", init, model.config.preset)
+        if model.config.head != cfg.head:
+            swap_head(model, cfg.head)
+            log.info("SFT: head swapped from %s to a fresh %s head", init, cfg.head)
     # resumed or not, a run started from a checkpoint keeps that checkpoint's model config
     model_cfg = model_config(cfg) if init is None else model.config
     if examples is None:
