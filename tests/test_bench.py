@@ -319,3 +319,25 @@ def test_paired_compares_two_eval_row_files_example_by_example(tmp_path, capsys)
     with pytest.raises(ValueError, match="share no example"):
         from bench.paired import compare
         compare({"p": rows_a[0]}, {"q": rows_a[1]})
+
+
+def test_box_places_reads_boxes_against_targets(tmp_path, capsys):
+    from PIL import Image
+
+    from bench.box_places import main
+
+    split = tmp_path / "test"
+    split.mkdir()
+    rows = []
+    for i, (cot, cx) in enumerate([("a . box : 0 0 1 1", 8), ("b . box : 30 0 31 1", 248), ("c .", 128),
+                                   ("d . box : 14 0 15 1", 120)]):
+        Image.new("RGB", (256, 256)).save(split / f"x{i}.jpg")
+        pts = [[cx - 4, 4], [cx + 4, 4], [cx + 4, 12], [cx - 4, 12]]
+        (split / f"x{i}.json").write_text(json.dumps({"shapes": [{"label": "target", "points": pts}]}))
+        rows.append({"name": f"x{i}", "family": "attribute", "iou": 0.0, "cot": cot})
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = main([str(tmp_path / "rows.jsonl"), str(split)])
+    assert out == json.loads(capsys.readouterr().out)
+    assert out["with_a_box"] == 3 and out["boxes"] == 3 and out["paired"] == 3
+    assert out["first_box_to_first_target_median_cells"] == 0.0  # every box sits on its target (cell 8 px)
+    assert out["x_correlation"] == 1.0 and out["size_mean"] == [2, 2]
